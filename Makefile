@@ -1,0 +1,119 @@
+# flexllm: `make` builds the engine library and the Lua module; `make test`, `make demo`,
+# `make bench` install what they need first (scripts/install-deps.sh).
+
+CC         ?= cc
+MULTIARCH  := $(shell $(CC) -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
+BLAS_DIR   ?= /usr/lib/$(MULTIARCH)/openblas-openmp
+BLAS_INC   ?= /usr/include/$(MULTIARCH)/openblas-openmp
+LUA_INCDIR ?= /usr/include/luajit-2.1
+LUAJIT     ?= luajit
+NVCC       ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+CUDA       ?= $(if $(NVCC),1,0)
+CUDA_HOME  ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+CUDA_ARCH  ?= -gencode arch=compute_90,code=[sm_90,compute_90]
+OPT        ?= -O3 -march=native
+
+WARN    := -Wall -Wextra -Wno-unused-parameter -Wshadow -Wstrict-prototypes
+CPPFLAGS_FL := -D_GNU_SOURCE -Iengine/include -Iengine -Ikernels -I$(BLAS_INC)
+CFLAGS_FL   := -std=c11 $(WARN) -fPIC -fopenmp -g $(CPPFLAGS_FL)
+LIBS    := -L$(BLAS_DIR) -Wl,-rpath,$(BLAS_DIR) -lopenblas -lcjson -lpcre2-8 -lutf8proc -lm -fopenmp
+SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+
+ENGINE_SRC := $(filter-out engine/lua_%.c,$(wildcard engine/*.c)) $(wildcard kernels/cpu/*.c)
+LUA_SRC    := $(wildcard engine/lua_*.c)
+TEST_SRC   := $(wildcard tests/c/test_*.c)
+CU_SRC     := $(wildcard kernels/cuda/*.cu)
+CUTEST_SRC := $(wildcard tests/cuda/test_*.c)
+
+OBJ      := $(ENGINE_SRC:%.c=build/obj/%.o)
+ASAN_OBJ := $(ENGINE_SRC:%.c=build/asan/obj/%.o)
+LUA_OBJ  := $(LUA_SRC:%.c=build/obj/%.o)
+TESTS    := $(TEST_SRC:tests/c/%.c=build/tests/%)
+ASAN_TESTS := $(TEST_SRC:tests/c/%.c=build/asan/tests/%)
+CU_OBJ   := $(CU_SRC:%.cu=build/cuda/%.o)
+CUTESTS  := $(CUTEST_SRC:tests/cuda/%.c=build/tests/cuda_%)
+
+LIB    := build/libflexllm.a
+MODULE := build/lib/flexllm/core.so
+CULIB  := build/libflexllm_cuda.a
+
+ifeq ($(CUDA),1)
+CUDA_TARGETS := $(CULIB) $(CUTESTS)
+endif
+
+.PHONY: all lib module tests cuda deps test demo bench install clean
+all: $(LIB) $(MODULE) $(CUDA_TARGETS)
+lib: $(LIB)
+module: $(MODULE)
+tests: $(TESTS) $(ASAN_TESTS) $(CUDA_TARGETS)
+cuda: $(CULIB) $(CUTESTS)
+
+build/obj/%.o: %.c $(wildcard engine/*.h engine/include/*.h kernels/*.h kernels/cpu/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_FL) $(OPT) -I$(LUA_INCDIR) -c $< -o $@
+
+build/asan/obj/%.o: %.c $(wildcard engine/*.h engine/include/*.h kernels/*.h kernels/cpu/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_FL) -O1 $(SAN) -c $< -o $@
+
+$(LIB): $(OBJ)
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+build/asan/libflexllm.a: $(ASAN_OBJ)
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+# The Lua module resolves lua_* from the host interpreter, so it links no Lua library.
+$(MODULE): $(LUA_OBJ) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) -shared -o $@ $(LUA_OBJ) $(LIB) $(LIBS)
+
+build/tests/%: tests/c/%.c tests/c/tap.h $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_FL) $(OPT) -Itests/c $< -o $@ $(LIB) $(LIBS)
+
+build/asan/tests/%: tests/c/%.c tests/c/tap.h build/asan/libflexllm.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_FL) -O1 $(SAN) -Itests/c $< -o $@ build/asan/libflexllm.a $(LIBS)
+
+build/cuda/%.o: %.cu $(wildcard kernels/*.h kernels/cuda/*.h)
+	@mkdir -p $(dir $@)
+	$(NVCC) -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC -Iengine/include -Iengine -Ikernels -c $< -o $@
+
+$(CULIB): $(CU_OBJ)
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+build/tests/cuda_%: tests/cuda/%.c tests/c/tap.h $(CULIB) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_FL) $(OPT) -Itests/c -I$(CUDA_HOME)/include $< -o $@ $(CULIB) $(LIB) \
+	  -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++ $(LIBS)
+
+deps:
+	@scripts/install-deps.sh
+
+test: deps
+	@$(MAKE) --no-print-directory all tests
+	@tests/run
+
+demo: deps
+	@$(MAKE) --no-print-directory all
+	@bin/flexllm demo
+
+bench: deps
+	@$(MAKE) --no-print-directory all
+	@tests/bench/run
+
+# LuaRocks (build type make) passes these; see flexllm-scm-1.rockspec.
+INST_LUADIR ?= /usr/local/share/lua/5.1
+INST_LIBDIR ?= /usr/local/lib/lua/5.1
+INST_BINDIR ?= /usr/local/bin
+install: $(MODULE)
+	mkdir -p $(INST_LUADIR)/flexllm $(INST_LIBDIR)/flexllm $(INST_BINDIR)
+	cp lua/flexllm/*.lua $(INST_LUADIR)/flexllm/
+	cp $(MODULE) $(INST_LIBDIR)/flexllm/core.so
+	cp bin/flexllm $(INST_BINDIR)/flexllm
+
+clean:
+	rm -rf build

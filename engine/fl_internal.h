@@ -1,0 +1,31 @@
+/* Helpers shared by the engine's translation units (not part of the public API). */
+#ifndef FL_INTERNAL_H
+#define FL_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "flexllm.h"
+
+/* Sets fl_last_error() from a printf format and returns -1. */
+int fl_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Prefixes the current error with more context ("loading x: <old message>"). */
+int fl_error_prefix(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* malloc/calloc that report the size that failed through fl_error. */
+void *fl_malloc(size_t n);
+void *fl_calloc(size_t count, size_t size);
+
+/* Reads a whole file into a NUL-terminated buffer (free() it). NULL + error on failure. */
+char *fl_read_file(const char *path, size_t *len);
+/* Writes data to path through path.tmp + rename, so readers never see half a file. */
+int fl_write_file_atomic(const char *path, const void *data, size_t len);
+/* dir + "/" + name into out; -1 if it does not fit. */
+int fl_path_join(char *out, size_t cap, const char *dir, const char *name);
+int fl_file_exists(const char *path);
+
+/* IEEE half and bfloat16 to float. */
+float fl_f16_to_f32(uint16_t h);
+float fl_bf16_to_f32(uint16_t b);
+uint16_t fl_f32_to_bf16(float f);
+
+#endif

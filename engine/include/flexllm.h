@@ -1,0 +1,221 @@
+/* flexllm: co-serving LLM inference and LoRA finetuning. The public C API.
+ *
+ * Conventions: opaque handles; *_params structs come from *_default_params();
+ * fallible functions return NULL or a negative value and leave a message that
+ * says what is wrong and where (file, field, tensor) in fl_last_error(). */
+#ifndef FLEXLLM_H
+#define FLEXLLM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define FL_VERSION "0.1.0"
+#define FL_KV_PAGE_TOKENS 16 /* tokens per KV cache page */
+#define FL_MAX_EOS 8
+
+/* The message of the last failed call on this thread ("" when none). */
+const char *fl_last_error(void);
+
+/* ---------------------------------------------------------------- config */
+
+typedef enum { FL_ARCH_LLAMA = 1, FL_ARCH_QWEN2 = 2 } fl_arch;
+typedef enum { FL_ROPE_SCALING_NONE = 0, FL_ROPE_SCALING_LLAMA3 = 1 } fl_rope_scaling;
+
+typedef struct {
+    fl_arch arch;
+    int dim;          /* hidden_size */
+    int hidden_dim;   /* intermediate_size */
+    int n_layers;
+    int n_heads;
+    int n_kv_heads;
+    int head_dim;     /* head_dim, or hidden_size / num_attention_heads */
+    int vocab_size;
+    int max_seq_len;  /* max_position_embeddings */
+    float norm_eps;
+    float rope_theta;
+    int tie_embeddings; /* lm_head is embed_tokens */
+    int qkv_bias;       /* q/k/v projections carry a bias (Qwen2) */
+    fl_rope_scaling rope_scaling;
+    float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
+    int rope_original_max_pos;
+    int bos_id;                 /* -1 when config.json names none */
+    int eos_ids[FL_MAX_EOS];
+    int n_eos;
+} fl_config;
+
+/* Reads a Hugging Face config.json. Returns 0, or -1 with the file and field named. */
+int fl_config_load(const char *path, fl_config *cfg);
+
+/* ------------------------------------------------------------- tokenizer */
+
+typedef struct fl_tokenizer fl_tokenizer;
+
+/* Loads tokenizer.json from a model folder, with BOS/EOS and add_bos from
+ * tokenizer_config.json and config.json when present. */
+fl_tokenizer *fl_tokenizer_load_dir(const char *dir);
+/* Loads one tokenizer.json (BOS/EOS then come from its added tokens only). */
+fl_tokenizer *fl_tokenizer_load(const char *tokenizer_json_path);
+void fl_tokenizer_free(fl_tokenizer *tok);
+
+int fl_tokenizer_n_vocab(const fl_tokenizer *tok);
+int fl_tokenizer_bos(const fl_tokenizer *tok);      /* -1 if none */
+int fl_tokenizer_eos(const fl_tokenizer *tok);      /* -1 if none */
+int fl_tokenizer_is_eos(const fl_tokenizer *tok, int32_t id);
+int fl_tokenizer_add_bos(const fl_tokenizer *tok);  /* tokenizer_config's add_bos_token */
+int fl_tokenizer_is_special(const fl_tokenizer *tok, int32_t id);
+/* The token's string as stored in the vocabulary (NULL when out of range). */
+const char *fl_tokenizer_token_text(const fl_tokenizer *tok, int32_t id);
+/* Id of an exact vocabulary or added-token string, or -1. */
+int32_t fl_tokenizer_token_id(const fl_tokenizer *tok, const char *text);
+
+/* Encodes len bytes of text. add_bos prepends BOS (if the tokenizer has one);
+ * parse_special matches added/special tokens in the text. Returns the number
+ * of ids, or -(needed) when cap is too small, or INT32_MIN on error. */
+int fl_tokenize(const fl_tokenizer *tok, const char *text, size_t len, int add_bos,
+                int parse_special, int32_t *ids, int cap);
+
+/* Streaming decode: bytes come out only as complete UTF-8 sequences, so a
+ * character split across tokens appears once all its bytes are in. */
+typedef struct {
+    uint8_t pending[8]; /* bytes of an incomplete UTF-8 sequence */
+    int n_pending;
+    int n_decoded;      /* tokens decoded so far (for leading-space stripping) */
+    int skip_special;   /* special tokens decode to nothing */
+} fl_detok_state;
+void fl_detok_init(fl_detok_state *st, int skip_special);
+/* Appends the text of one token to out. Returns bytes written, or -(needed) when cap is too small. */
+int fl_detok_piece(const fl_tokenizer *tok, fl_detok_state *st, int32_t id, char *out, int cap);
+/* Writes what is left pending (invalid UTF-8 becomes U+FFFD). Returns bytes written. */
+int fl_detok_flush(const fl_tokenizer *tok, fl_detok_state *st, char *out, int cap);
+/* Decodes a whole id list; returns bytes written (not NUL-terminated), or -(needed). */
+int fl_detokenize(const fl_tokenizer *tok, const int32_t *ids, int n, int skip_special,
+                  char *out, int cap);
+
+/* ----------------------------------------------------------------- model */
+
+typedef struct fl_model fl_model;
+
+typedef struct {
+    int n_threads; /* CPU threads for GEMMs and kernels (default 2) */
+} fl_model_params;
+
+fl_model_params fl_model_default_params(void);
+/* Loads a Hugging Face model folder: config.json, model.safetensors or the
+ * shards of model.safetensors.index.json, tokenizer.json. Every header and
+ * tensor shape is validated before any weight is read. */
+fl_model *fl_model_load(const char *dir, const fl_model_params *params);
+void fl_model_free(fl_model *model);
+const fl_config *fl_model_config(const fl_model *model);
+const fl_tokenizer *fl_model_tokenizer(const fl_model *model);
+size_t fl_model_n_params(const fl_model *model);
+
+typedef struct {
+    int seed;
+    int dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len;
+} fl_init_model_params;
+fl_init_model_params fl_init_model_default_params(void);
+/* Writes a seeded random LLaMA with a byte-level BPE tokenizer, in the HF
+ * layout, to dir (created if missing). */
+int fl_init_model(const char *dir, const fl_init_model_params *params);
+
+/* --------------------------------------------------------------- context */
+
+typedef struct fl_context fl_context;
+
+typedef struct {
+    int kv_pages;         /* pages of FL_KV_PAGE_TOKENS tokens in the pool */
+    int max_batch_tokens; /* most tokens in one forward */
+    int max_seqs;         /* most live sequences */
+} fl_context_params;
+
+fl_context_params fl_context_default_params(void);
+fl_context *fl_context_new(const fl_model *model, const fl_context_params *params);
+void fl_context_free(fl_context *ctx);
+
+/* A new empty sequence, or -1 when max_seqs are live. */
+int fl_seq_new(fl_context *ctx);
+/* Ends a sequence and returns its pages to the pool. */
+int fl_seq_free(fl_context *ctx, int seq);
+int fl_seq_len(const fl_context *ctx, int seq);
+int fl_kv_pages_total(const fl_context *ctx);
+int fl_kv_pages_free(const fl_context *ctx);
+
+/* One forward over tokens of many sequences. Each sequence's tokens appear in
+ * order at consecutive positions starting at its current length. */
+typedef struct {
+    int n_tokens;
+    const int32_t *token; /* [n_tokens] */
+    const int32_t *seq;   /* [n_tokens] */
+    const int32_t *pos;   /* [n_tokens] */
+    const int8_t *logits; /* [n_tokens] nonzero: write this token's logits (NULL: last token only) */
+} fl_batch;
+
+/* Runs the batch. logits receives [n_out, vocab] rows, one per marked token, in
+ * batch order. Returns n_out, or -1 (nothing changed) on an invalid batch or
+ * when the KV pool lacks pages. */
+int fl_forward(fl_context *ctx, const fl_batch *batch, float *logits);
+
+/* -------------------------------------------------------------- sampling */
+
+typedef struct {
+    float temperature; /* 0: greedy */
+    int top_k;         /* 0: off */
+    float top_p;       /* 1: off */
+    uint64_t seed;
+} fl_sampling_params;
+
+fl_sampling_params fl_sampling_default_params(void);
+typedef struct fl_sampler fl_sampler;
+fl_sampler *fl_sampler_new(const fl_sampling_params *params, int n_vocab);
+void fl_sampler_free(fl_sampler *s);
+int32_t fl_sampler_sample(fl_sampler *s, const float *logits);
+
+/* ------------------------------------------------------------ generation */
+
+typedef enum { FL_FINISH_NONE = 0, FL_FINISH_LENGTH, FL_FINISH_EOS, FL_FINISH_STOP } fl_finish;
+
+typedef struct {
+    int max_tokens;
+    fl_sampling_params sampling;
+    const char *const *stop; /* stop strings (copied) */
+    int n_stop;
+    int ignore_eos;
+} fl_request_params;
+
+fl_request_params fl_request_default_params(void);
+
+typedef struct {
+    int prefill_chunk;    /* most prompt tokens of one request per step */
+} fl_generator_params;
+
+fl_generator_params fl_generator_default_params(void);
+
+typedef struct {
+    int request;
+    int32_t token;      /* -1 on an event that only finishes */
+    const char *text;   /* new text, valid until the next step */
+    int text_len;
+    fl_finish finish;   /* FL_FINISH_NONE while the request runs */
+} fl_gen_event;
+
+typedef struct fl_generator fl_generator;
+
+fl_generator *fl_generator_new(fl_context *ctx, const fl_generator_params *params);
+void fl_generator_free(fl_generator *g);
+/* Queues a request; returns its id, or -1. */
+int fl_generator_add(fl_generator *g, const int32_t *prompt, int n_prompt,
+                     const fl_request_params *params);
+/* Runs one iteration: decode tokens of running requests and prefill chunks,
+ * in one forward. Returns the number of events, or -1 on error. */
+int fl_generator_step(fl_generator *g, const fl_gen_event **events);
+/* Requests queued or running. */
+int fl_generator_active(const fl_generator *g);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
