@@ -1,0 +1,436 @@
+/* The Lua module flexllm.core: models, tokenizers, contexts and generators as
+ * userdata. Load functions return nil, message on failure (Lua's convention);
+ * misuse (wrong argument types, a closed handle) raises an error. */
+#include "flexllm.h"
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MODEL_MT "flexllm.model"
+#define TOK_MT "flexllm.tokenizer"
+#define CTX_MT "flexllm.context"
+#define GEN_MT "flexllm.generator"
+
+typedef struct {
+    void *ptr;
+    int owned; /* a tokenizer borrowed from a model is not freed by its userdata */
+} handle;
+
+/* A new handle whose environment table keeps `parent_idx` (if nonzero) alive. */
+static handle *new_handle(lua_State *L, const char *mt, void *ptr, int owned, int parent_idx) {
+    handle *h = lua_newuserdata(L, sizeof *h);
+    h->ptr = ptr;
+    h->owned = owned;
+    luaL_getmetatable(L, mt);
+    lua_setmetatable(L, -2);
+    lua_createtable(L, 0, 1);
+    if (parent_idx) {
+        lua_pushvalue(L, parent_idx);
+        lua_setfield(L, -2, "parent");
+    }
+    lua_setfenv(L, -2);
+    return h;
+}
+
+static void *check(lua_State *L, int idx, const char *mt) {
+    handle *h = luaL_checkudata(L, idx, mt);
+    if (!h->ptr) luaL_error(L, "%s is closed", mt);
+    return h->ptr;
+}
+
+static int fail(lua_State *L) {
+    lua_pushnil(L);
+    lua_pushstring(L, fl_last_error());
+    return 2;
+}
+
+/* Optional integer / number / boolean fields of an options table at idx. */
+static int opt_int(lua_State *L, int idx, const char *k, int def) {
+    if (lua_isnoneornil(L, idx)) return def;
+    lua_getfield(L, idx, k);
+    int v = def;
+    if (!lua_isnil(L, -1)) {
+        if (!lua_isnumber(L, -1)) luaL_error(L, "option '%s' must be a number", k);
+        v = (int)lua_tointeger(L, -1);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+static double opt_num(lua_State *L, int idx, const char *k, double def) {
+    if (lua_isnoneornil(L, idx)) return def;
+    lua_getfield(L, idx, k);
+    double v = def;
+    if (!lua_isnil(L, -1)) {
+        if (!lua_isnumber(L, -1)) luaL_error(L, "option '%s' must be a number", k);
+        v = lua_tonumber(L, -1);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+static int opt_bool(lua_State *L, int idx, const char *k, int def) {
+    if (lua_isnoneornil(L, idx)) return def;
+    lua_getfield(L, idx, k);
+    int v = lua_isnil(L, -1) ? def : lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+static void check_opts(lua_State *L, int idx) {
+    if (!lua_isnoneornil(L, idx)) luaL_checktype(L, idx, LUA_TTABLE);
+}
+
+/* A Lua array of token ids into a malloc'd int32 array. */
+static int32_t *ids_from_table(lua_State *L, int idx, int *n) {
+    luaL_checktype(L, idx, LUA_TTABLE);
+    *n = (int)lua_objlen(L, idx);
+    for (int i = 0; i < *n; i++) { /* check before allocating: luaL_error does not return */
+        lua_rawgeti(L, idx, i + 1);
+        if (!lua_isnumber(L, -1)) luaL_error(L, "token list item %d is not a number", i + 1);
+        lua_pop(L, 1);
+    }
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)(*n > 0 ? *n : 1));
+    if (!ids) luaL_error(L, "out of memory");
+    for (int i = 0; i < *n; i++) {
+        lua_rawgeti(L, idx, i + 1);
+        ids[i] = (int32_t)lua_tointeger(L, -1);
+        lua_pop(L, 1);
+    }
+    return ids;
+}
+
+static void push_ids(lua_State *L, const int32_t *ids, int n) {
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        lua_pushinteger(L, ids[i]);
+        lua_rawseti(L, -2, i + 1);
+    }
+}
+
+/* ------------------------------------------------------------------ model */
+
+static int l_load_model(lua_State *L) {
+    const char *dir = luaL_checkstring(L, 1);
+    check_opts(L, 2);
+    fl_model_params p = fl_model_default_params();
+    p.n_threads = opt_int(L, 2, "threads", p.n_threads);
+    fl_model *m = fl_model_load(dir, &p);
+    if (!m) return fail(L);
+    new_handle(L, MODEL_MT, m, 1, 0);
+    return 1;
+}
+
+static int l_model_gc(lua_State *L) {
+    handle *h = luaL_checkudata(L, 1, MODEL_MT);
+    if (h->ptr) fl_model_free(h->ptr);
+    h->ptr = NULL;
+    return 0;
+}
+
+static int l_model_config(lua_State *L) {
+    const fl_config *c = fl_model_config(check(L, 1, MODEL_MT));
+    lua_createtable(L, 0, 16);
+#define SETI(k, v) (lua_pushinteger(L, v), lua_setfield(L, -2, k))
+#define SETN(k, v) (lua_pushnumber(L, v), lua_setfield(L, -2, k))
+    lua_pushstring(L, c->arch == FL_ARCH_QWEN2 ? "qwen2" : "llama");
+    lua_setfield(L, -2, "arch");
+    SETI("dim", c->dim);
+    SETI("hidden_dim", c->hidden_dim);
+    SETI("n_layers", c->n_layers);
+    SETI("n_heads", c->n_heads);
+    SETI("n_kv_heads", c->n_kv_heads);
+    SETI("head_dim", c->head_dim);
+    SETI("vocab_size", c->vocab_size);
+    SETI("max_seq_len", c->max_seq_len);
+    SETN("norm_eps", c->norm_eps);
+    SETN("rope_theta", c->rope_theta);
+    lua_pushboolean(L, c->tie_embeddings);
+    lua_setfield(L, -2, "tie_embeddings");
+#undef SETI
+#undef SETN
+    return 1;
+}
+
+static int l_model_n_params(lua_State *L) {
+    lua_pushnumber(L, (double)fl_model_n_params(check(L, 1, MODEL_MT)));
+    return 1;
+}
+
+static int l_model_tokenizer(lua_State *L) {
+    fl_model *m = check(L, 1, MODEL_MT);
+    new_handle(L, TOK_MT, (void *)fl_model_tokenizer(m), 0, 1);
+    return 1;
+}
+
+static int l_model_context(lua_State *L) {
+    fl_model *m = check(L, 1, MODEL_MT);
+    check_opts(L, 2);
+    fl_context_params p = fl_context_default_params();
+    p.kv_pages = opt_int(L, 2, "kv_pages", p.kv_pages);
+    p.max_batch_tokens = opt_int(L, 2, "max_batch_tokens", p.max_batch_tokens);
+    p.max_seqs = opt_int(L, 2, "max_seqs", p.max_seqs);
+    fl_context *ctx = fl_context_new(m, &p);
+    if (!ctx) return fail(L);
+    new_handle(L, CTX_MT, ctx, 1, 1);
+    return 1;
+}
+
+/* -------------------------------------------------------------- tokenizer */
+
+static int l_load_tokenizer(lua_State *L) {
+    const char *path = luaL_checkstring(L, 1);
+    size_t len = strlen(path);
+    fl_tokenizer *t = len > 5 && strcmp(path + len - 5, ".json") == 0 ? fl_tokenizer_load(path)
+                                                                        : fl_tokenizer_load_dir(path);
+    if (!t) return fail(L);
+    new_handle(L, TOK_MT, t, 1, 0);
+    return 1;
+}
+
+static int l_tok_gc(lua_State *L) {
+    handle *h = luaL_checkudata(L, 1, TOK_MT);
+    if (h->ptr && h->owned) fl_tokenizer_free(h->ptr);
+    h->ptr = NULL;
+    return 0;
+}
+
+static int l_tok_encode(lua_State *L) {
+    const fl_tokenizer *t = check(L, 1, TOK_MT);
+    size_t len;
+    const char *text = luaL_checklstring(L, 2, &len);
+    check_opts(L, 3);
+    int bos = opt_bool(L, 3, "bos", fl_tokenizer_add_bos(t));
+    int special = opt_bool(L, 3, "special", 1);
+    int32_t small[256], *ids = small;
+    int n = fl_tokenize(t, text, len, bos, special, ids, 256);
+    if (n < 0 && n != INT32_MIN) {
+        int need = -n;
+        ids = malloc(sizeof(int32_t) * (size_t)need);
+        if (!ids) return luaL_error(L, "out of memory");
+        n = fl_tokenize(t, text, len, bos, special, ids, need);
+    }
+    if (n < 0) {
+        if (ids != small) free(ids);
+        return fail(L);
+    }
+    push_ids(L, ids, n);
+    if (ids != small) free(ids);
+    return 1;
+}
+
+static int l_tok_decode(lua_State *L) {
+    const fl_tokenizer *t = check(L, 1, TOK_MT);
+    int n;
+    int32_t *ids = ids_from_table(L, 2, &n);
+    check_opts(L, 3);
+    int skip = opt_bool(L, 3, "skip_special", 0);
+    char small[1024], *out = small;
+    int got = fl_detokenize(t, ids, n, skip, out, sizeof small);
+    if (got < 0) {
+        int need = -got;
+        out = malloc((size_t)need);
+        if (!out) {
+            free(ids);
+            return luaL_error(L, "out of memory");
+        }
+        got = fl_detokenize(t, ids, n, skip, out, need);
+    }
+    lua_pushlstring(L, out, got > 0 ? (size_t)got : 0);
+    if (out != small) free(out);
+    free(ids);
+    return 1;
+}
+
+static int l_tok_info(lua_State *L) {
+    const fl_tokenizer *t = check(L, 1, TOK_MT);
+    lua_createtable(L, 0, 4);
+    lua_pushinteger(L, fl_tokenizer_n_vocab(t));
+    lua_setfield(L, -2, "n_vocab");
+    lua_pushinteger(L, fl_tokenizer_bos(t));
+    lua_setfield(L, -2, "bos");
+    lua_pushinteger(L, fl_tokenizer_eos(t));
+    lua_setfield(L, -2, "eos");
+    lua_pushboolean(L, fl_tokenizer_add_bos(t));
+    lua_setfield(L, -2, "add_bos");
+    return 1;
+}
+
+static int l_tok_token_text(lua_State *L) {
+    const char *s = fl_tokenizer_token_text(check(L, 1, TOK_MT), (int32_t)luaL_checkinteger(L, 2));
+    if (s) lua_pushstring(L, s);
+    else lua_pushnil(L);
+    return 1;
+}
+
+/* ---------------------------------------------------------------- context */
+
+static int l_ctx_gc(lua_State *L) {
+    handle *h = luaL_checkudata(L, 1, CTX_MT);
+    if (h->ptr) fl_context_free(h->ptr);
+    h->ptr = NULL;
+    return 0;
+}
+
+static int l_ctx_kv_pages(lua_State *L) {
+    fl_context *ctx = check(L, 1, CTX_MT);
+    lua_pushinteger(L, fl_kv_pages_free(ctx));
+    lua_pushinteger(L, fl_kv_pages_total(ctx));
+    return 2;
+}
+
+static int l_ctx_generator(lua_State *L) {
+    fl_context *ctx = check(L, 1, CTX_MT);
+    check_opts(L, 2);
+    fl_generator_params p = fl_generator_default_params();
+    p.prefill_chunk = opt_int(L, 2, "prefill_chunk", p.prefill_chunk);
+    fl_generator *g = fl_generator_new(ctx, &p);
+    if (!g) return fail(L);
+    new_handle(L, GEN_MT, g, 1, 1);
+    return 1;
+}
+
+/* -------------------------------------------------------------- generator */
+
+static int l_gen_gc(lua_State *L) {
+    handle *h = luaL_checkudata(L, 1, GEN_MT);
+    if (h->ptr) fl_generator_free(h->ptr);
+    h->ptr = NULL;
+    return 0;
+}
+
+static int l_gen_add(lua_State *L) {
+    fl_generator *g = check(L, 1, GEN_MT);
+    int n;
+    check_opts(L, 3);
+    fl_request_params p = fl_request_default_params();
+    p.max_tokens = opt_int(L, 3, "max_tokens", p.max_tokens);
+    p.sampling.temperature = (float)opt_num(L, 3, "temperature", p.sampling.temperature);
+    p.sampling.top_k = opt_int(L, 3, "top_k", p.sampling.top_k);
+    p.sampling.top_p = (float)opt_num(L, 3, "top_p", p.sampling.top_p);
+    p.sampling.seed = (uint64_t)opt_num(L, 3, "seed", 0);
+    p.ignore_eos = opt_bool(L, 3, "ignore_eos", 0);
+    const char *stops[16];
+    if (!lua_isnoneornil(L, 3)) {
+        lua_getfield(L, 3, "stop");
+        if (lua_isstring(L, -1)) {
+            stops[p.n_stop++] = lua_tostring(L, -1);
+        } else if (lua_istable(L, -1)) {
+            int k = (int)lua_objlen(L, -1);
+            if (k > 16) return luaL_error(L, "option 'stop' holds %d strings, at most 16", k);
+            for (int i = 1; i <= k; i++) {
+                lua_rawgeti(L, -1, i);
+                if (!lua_isstring(L, -1)) return luaL_error(L, "option 'stop' item %d is not a string", i);
+                stops[p.n_stop++] = lua_tostring(L, -1);
+                lua_pop(L, 1); /* the string stays alive in the table */
+            }
+        } else if (!lua_isnil(L, -1)) {
+            return luaL_error(L, "option 'stop' must be a string or a list of strings");
+        }
+        p.stop = stops;
+    }
+    int32_t *ids = ids_from_table(L, 2, &n);
+    int id = fl_generator_add(g, ids, n, &p);
+    free(ids);
+    if (id < 0) return fail(L);
+    lua_pushinteger(L, id);
+    return 1;
+}
+
+static const char *finish_name(fl_finish f) {
+    switch (f) {
+    case FL_FINISH_LENGTH: return "length";
+    case FL_FINISH_EOS: return "stop"; /* OpenAI reports EOS as "stop" too */
+    case FL_FINISH_STOP: return "stop";
+    default: return NULL;
+    }
+}
+
+static int l_gen_step(lua_State *L) {
+    fl_generator *g = check(L, 1, GEN_MT);
+    const fl_gen_event *ev;
+    int n = fl_generator_step(g, &ev);
+    if (n < 0) return fail(L);
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        lua_createtable(L, 0, 4);
+        lua_pushinteger(L, ev[i].request);
+        lua_setfield(L, -2, "request");
+        lua_pushinteger(L, ev[i].token);
+        lua_setfield(L, -2, "token");
+        lua_pushlstring(L, ev[i].text, (size_t)ev[i].text_len);
+        lua_setfield(L, -2, "text");
+        const char *fin = finish_name(ev[i].finish);
+        if (fin) {
+            lua_pushstring(L, fin);
+            lua_setfield(L, -2, "finish");
+            lua_pushboolean(L, ev[i].finish == FL_FINISH_EOS);
+            lua_setfield(L, -2, "eos");
+        }
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
+}
+
+static int l_gen_active(lua_State *L) {
+    lua_pushinteger(L, fl_generator_active(check(L, 1, GEN_MT)));
+    return 1;
+}
+
+/* ----------------------------------------------------------------- module */
+
+static int l_init_model(lua_State *L) {
+    const char *dir = luaL_checkstring(L, 1);
+    check_opts(L, 2);
+    fl_init_model_params p = fl_init_model_default_params();
+    p.seed = opt_int(L, 2, "seed", p.seed);
+    p.dim = opt_int(L, 2, "dim", p.dim);
+    p.hidden_dim = opt_int(L, 2, "hidden_dim", p.hidden_dim);
+    p.n_layers = opt_int(L, 2, "n_layers", p.n_layers);
+    p.n_heads = opt_int(L, 2, "n_heads", p.n_heads);
+    p.n_kv_heads = opt_int(L, 2, "n_kv_heads", p.n_kv_heads);
+    p.vocab_size = opt_int(L, 2, "vocab_size", p.vocab_size);
+    p.max_seq_len = opt_int(L, 2, "max_seq_len", p.max_seq_len);
+    if (fl_init_model(dir, &p) != 0) return fail(L);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static void def_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc) {
+    luaL_newmetatable(L, name);
+    lua_newtable(L);
+    luaL_register(L, NULL, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+}
+
+/* Handles are freed by the collector; a child keeps its parent alive through its
+ * environment table, and Lua 5.1 finalizes in reverse order of creation. */
+int luaopen_flexllm_core(lua_State *L) {
+    static const luaL_Reg model_m[] = {{"config", l_model_config}, {"n_params", l_model_n_params},
+                                       {"tokenizer", l_model_tokenizer}, {"context", l_model_context},
+                                       {NULL, NULL}};
+    static const luaL_Reg tok_m[] = {{"encode", l_tok_encode}, {"decode", l_tok_decode},
+                                     {"info", l_tok_info}, {"token_text", l_tok_token_text},
+                                     {NULL, NULL}};
+    static const luaL_Reg ctx_m[] = {{"generator", l_ctx_generator}, {"kv_pages", l_ctx_kv_pages},
+                                     {NULL, NULL}};
+    static const luaL_Reg gen_m[] = {{"add", l_gen_add}, {"step", l_gen_step},
+                                     {"active", l_gen_active}, {NULL, NULL}};
+    static const luaL_Reg funcs[] = {{"load_model", l_load_model},
+                                     {"load_tokenizer", l_load_tokenizer},
+                                     {"init_model", l_init_model}, {NULL, NULL}};
+    def_class(L, MODEL_MT, model_m, l_model_gc);
+    def_class(L, TOK_MT, tok_m, l_tok_gc);
+    def_class(L, CTX_MT, ctx_m, l_ctx_gc);
+    def_class(L, GEN_MT, gen_m, l_gen_gc);
+    lua_newtable(L);
+    luaL_register(L, NULL, funcs);
+    lua_pushstring(L, FL_VERSION);
+    lua_setfield(L, -2, "version");
+    return 1;
+}

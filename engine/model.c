@@ -1,0 +1,163 @@
+/* Loading a Hugging Face model folder into fp32 weights (mmapped when possible). */
+#include "model.h"
+#include "fl_internal.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+fl_model_params fl_model_default_params(void) {
+    fl_model_params p = {.n_threads = 2};
+    return p;
+}
+
+/* Finds a tensor, checks its shape, and returns fp32 data: the mmapped bytes when
+ * they already are aligned F32, else a converted copy owned by the model. */
+static const float *load_tensor(fl_model *m, const char *name, int ndim, int64_t d0, int64_t d1) {
+    const fl_st_tensor *t = fl_st_find(m->st, name);
+    if (!t) {
+        fl_error("%s: tensor '%s' missing", fl_st_source(m->st), name);
+        return NULL;
+    }
+    int64_t want[2] = {d0, d1};
+    int ok = t->ndim == ndim;
+    for (int i = 0; ok && i < ndim; i++) ok = t->shape[i] == want[i];
+    if (!ok) {
+        char got[128] = "", exp[64];
+        for (int i = 0; i < t->ndim; i++) {
+            size_t len = strlen(got);
+            snprintf(got + len, sizeof got - len, "%s%lld", i ? ", " : "", (long long)t->shape[i]);
+        }
+        if (ndim == 1) snprintf(exp, sizeof exp, "%lld", (long long)d0);
+        else snprintf(exp, sizeof exp, "%lld, %lld", (long long)d0, (long long)d1);
+        fl_error("%s: tensor '%s' has shape [%s], expected [%s]", t->file, name, got, exp);
+        return NULL;
+    }
+    m->n_params += (size_t)t->numel;
+    if (t->dtype == FL_DTYPE_F32 && ((uintptr_t)t->data % sizeof(float)) == 0)
+        return (const float *)t->data;
+    float *buf = fl_malloc(sizeof(float) * (size_t)t->numel);
+    if (!buf) return NULL;
+    fl_st_to_f32(t, buf);
+    m->owned[m->n_owned++] = buf;
+    return buf;
+}
+
+/* HF rotate-half frequencies, with LLaMA-3.1's piecewise rescaling when configured.
+ * Computed in float as llama2.c does, so greedy outputs match it bit for bit. */
+static void init_inv_freq(fl_model *m) {
+    const fl_config *c = &m->cfg;
+    int half = c->head_dim / 2;
+    for (int i = 0; i < half; i++) {
+        float f = 1.0f / powf(c->rope_theta, (float)(2 * i) / (float)c->head_dim);
+        if (c->rope_scaling == FL_ROPE_SCALING_LLAMA3) {
+            double old_len = c->rope_original_max_pos;
+            double low_wavelen = old_len / c->rope_low_freq_factor;
+            double high_wavelen = old_len / c->rope_high_freq_factor;
+            double wavelen = 2.0 * M_PI / f;
+            if (wavelen > low_wavelen) {
+                f = f / c->rope_factor;
+            } else if (wavelen >= high_wavelen) {
+                double smooth = (old_len / wavelen - c->rope_low_freq_factor) /
+                                (c->rope_high_freq_factor - c->rope_low_freq_factor);
+                f = (float)((1.0 - smooth) * f / c->rope_factor + smooth * f);
+            }
+        }
+        m->inv_freq[i] = f;
+    }
+}
+
+static int load_layers(fl_model *m) {
+    const fl_config *c = &m->cfg;
+    char name[256];
+#define T2(field, suffix, d0, d1)                                                     \
+    snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix);                     \
+    if (!(L->field = load_tensor(m, name, 2, d0, d1))) return -1;
+#define T1(field, suffix, d0)                                                         \
+    snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix);                     \
+    if (!(L->field = load_tensor(m, name, 1, d0, 0))) return -1;
+    for (int l = 0; l < c->n_layers; l++) {
+        fl_layer_weights *L = &m->layers[l];
+        T1(attn_norm, "input_layernorm.weight", c->dim);
+        T2(wq, "self_attn.q_proj.weight", m->q_dim, c->dim);
+        T2(wk, "self_attn.k_proj.weight", m->kv_dim, c->dim);
+        T2(wv, "self_attn.v_proj.weight", m->kv_dim, c->dim);
+        T2(wo, "self_attn.o_proj.weight", c->dim, m->q_dim);
+        if (c->qkv_bias) {
+            T1(bq, "self_attn.q_proj.bias", m->q_dim);
+            T1(bk, "self_attn.k_proj.bias", m->kv_dim);
+            T1(bv, "self_attn.v_proj.bias", m->kv_dim);
+        }
+        T1(ffn_norm, "post_attention_layernorm.weight", c->dim);
+        T2(w_gate, "mlp.gate_proj.weight", c->hidden_dim, c->dim);
+        T2(w_up, "mlp.up_proj.weight", c->hidden_dim, c->dim);
+        T2(w_down, "mlp.down_proj.weight", c->dim, c->hidden_dim);
+    }
+#undef T1
+#undef T2
+    return 0;
+}
+
+static int load_weights(fl_model *m) {
+    const fl_config *c = &m->cfg;
+    int max_tensors = 3 + c->n_layers * 12;
+    m->owned = fl_calloc((size_t)max_tensors, sizeof(float *));
+    m->layers = fl_calloc((size_t)c->n_layers, sizeof(fl_layer_weights));
+    m->inv_freq = fl_calloc((size_t)c->head_dim / 2, sizeof(float));
+    if (!m->owned || !m->layers || !m->inv_freq) return -1;
+    if (!(m->embed = load_tensor(m, "model.embed_tokens.weight", 2, c->vocab_size, c->dim)))
+        return -1;
+    if (load_layers(m) != 0) return -1;
+    if (!(m->final_norm = load_tensor(m, "model.norm.weight", 1, c->dim, 0))) return -1;
+    if (c->tie_embeddings && !fl_st_find(m->st, "lm_head.weight")) {
+        m->lm_head = m->embed;
+    } else if (!(m->lm_head = load_tensor(m, "lm_head.weight", 2, c->vocab_size, c->dim))) {
+        return -1;
+    }
+    init_inv_freq(m);
+    return 0;
+}
+
+fl_model *fl_model_load(const char *dir, const fl_model_params *params) {
+    fl_model_params p = params ? *params : fl_model_default_params();
+    char path[4096];
+    fl_model *m = fl_calloc(1, sizeof *m);
+    if (!m) return NULL;
+    m->n_threads = p.n_threads > 0 ? p.n_threads : 1;
+    if (fl_path_join(path, sizeof path, dir, "config.json") != 0 ||
+        fl_config_load(path, &m->cfg) != 0)
+        goto fail;
+    if (m->cfg.head_dim % 2 != 0 || m->cfg.head_dim > 1024) {
+        fl_error("%s: head_dim %d must be even and at most 1024", path, m->cfg.head_dim);
+        goto fail;
+    }
+    m->q_dim = m->cfg.n_heads * m->cfg.head_dim;
+    m->kv_dim = m->cfg.n_kv_heads * m->cfg.head_dim;
+    if (!(m->tok = fl_tokenizer_load_dir(dir))) goto fail;
+    if (!(m->st = fl_st_open(dir))) goto fail;
+    if (load_weights(m) != 0) goto fail;
+    openblas_set_num_threads(m->n_threads);
+    omp_set_num_threads(m->n_threads);
+    return m;
+fail:
+    fl_model_free(m);
+    return NULL;
+}
+
+void fl_model_free(fl_model *m) {
+    if (!m) return;
+    for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
+    free(m->owned);
+    free(m->layers);
+    free(m->inv_freq);
+    if (m->st) fl_st_close(m->st);
+    if (m->tok) fl_tokenizer_free(m->tok);
+    free(m);
+}
+
+const fl_config *fl_model_config(const fl_model *m) { return &m->cfg; }
+const fl_tokenizer *fl_model_tokenizer(const fl_model *m) { return m->tok; }
+size_t fl_model_n_params(const fl_model *m) { return m->n_params; }

@@ -1,0 +1,66 @@
+/* The model and context internals shared by the engine's forward, training and runtime. */
+#ifndef FL_MODEL_H
+#define FL_MODEL_H
+
+#include "flexllm.h"
+#include "kernels.h"
+#include "safetensors.h"
+
+typedef struct {
+    const float *attn_norm;                   /* [dim] */
+    const float *wq, *wk, *wv, *wo;           /* [q_dim,dim] [kv_dim,dim] [kv_dim,dim] [dim,q_dim] */
+    const float *bq, *bk, *bv;                /* [q_dim] [kv_dim] [kv_dim], Qwen2 only */
+    const float *ffn_norm;                    /* [dim] */
+    const float *w_gate, *w_up, *w_down;      /* [hidden,dim] [hidden,dim] [dim,hidden] */
+} fl_layer_weights;
+
+struct fl_model {
+    fl_config cfg;
+    int q_dim, kv_dim;        /* n_heads*head_dim, n_kv_heads*head_dim */
+    fl_tokenizer *tok;
+    fl_st_set *st;
+    const float *embed;       /* [vocab, dim] */
+    fl_layer_weights *layers; /* [n_layers] */
+    const float *final_norm;  /* [dim] */
+    const float *lm_head;     /* [vocab, dim], == embed when tied */
+    float *inv_freq;          /* [head_dim/2], llama3 scaling applied */
+    float **owned;            /* weight buffers converted from F16/BF16 or unaligned F32 */
+    int n_owned;
+    size_t n_params;
+    int n_threads;
+};
+
+typedef struct {
+    int live;
+    int len;          /* tokens in the cache */
+    int32_t *pages;   /* [cap_pages] page ids */
+    int n_pages, cap_pages;
+} fl_seq;
+
+/* Scratch for one forward of up to max_batch_tokens tokens. */
+typedef struct {
+    float *x;        /* [T, dim] residual stream */
+    float *xb;       /* [T, dim] normed input */
+    float *q;        /* [T, q_dim] */
+    float *k, *v;    /* [T, kv_dim] */
+    float *att;      /* [T, q_dim] */
+    float *proj;     /* [T, dim] */
+    float *gate, *up;/* [T, hidden] */
+    float *out_rows; /* [T, dim] final-normed rows that need logits */
+    const int32_t **page_tables; /* [T] */
+} fl_scratch;
+
+struct fl_context {
+    const fl_model *model;
+    fl_context_params params;
+    int n_pages, n_free;
+    int32_t *free_pages;  /* [n_pages] stack of free page ids */
+    float *k_pool, *v_pool; /* [n_layers, n_pages, FL_KV_PAGE_TOKENS, kv_dim] */
+    fl_seq *seqs;          /* [max_seqs] */
+    fl_scratch s;
+};
+
+/* The KV pool slice of one layer. */
+fl_kv_layer fl_context_kv_layer(const fl_context *ctx, int layer);
+
+#endif

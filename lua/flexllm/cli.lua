@@ -1,0 +1,233 @@
+-- The flexllm command line. Run through bin/flexllm; each command is a function
+-- taking the parsed options.
+local M = {}
+
+local function die(msg)
+  io.stderr:write("flexllm: ", msg, "\n")
+  os.exit(1)
+end
+
+local function flexllm()
+  local ok, fl = pcall(require, "flexllm")
+  if not ok then die("cannot load the engine module (did `make` run?): " .. tostring(fl)) end
+  return fl
+end
+
+-- spec: option name -> "string" | "number" | "flag" | "list". Returns options and positionals.
+local function parse(args, spec, command)
+  local opts, pos, i = {}, {}, 1
+  while i <= #args do
+    local a = args[i]
+    local name, inline = a:match("^%-%-([%w%-]+)=(.*)$")
+    name = name or a:match("^%-%-([%w%-]+)$")
+    if name then
+      local kind = spec[name]
+      if not kind then die(("%s: unknown option --%s (see flexllm help)"):format(command, name)) end
+      local key = name:gsub("%-", "_")
+      if kind == "flag" then
+        if inline then die(("%s: --%s takes no value"):format(command, name)) end
+        opts[key] = true
+      else
+        local v = inline
+        if not v then
+          i = i + 1
+          v = args[i]
+          if v == nil then die(("%s: --%s needs a value"):format(command, name)) end
+        end
+        if kind == "number" then
+          local n = tonumber(v)
+          if not n then die(("%s: --%s must be a number, got '%s'"):format(command, name, v)) end
+          v = n
+        end
+        if kind == "list" then
+          opts[key] = opts[key] or {}
+          table.insert(opts[key], v)
+        else
+          opts[key] = v
+        end
+      end
+    else
+      pos[#pos + 1] = a
+    end
+    i = i + 1
+  end
+  return opts, pos
+end
+
+local function need(opts, key, command)
+  if opts[key] == nil then die(("%s: --%s is required"):format(command, key:gsub("_", "-"))) end
+  return opts[key]
+end
+
+local function load_model(dir, threads)
+  local model, err = flexllm().load(dir, { threads = threads })
+  if not model then die(err) end
+  return model
+end
+
+local commands = {}
+
+commands.generate = {
+  usage = "generate --model DIR [--prompt TEXT] [--max-tokens N] [--temperature T] [--top-k K]\n"
+    .. "         [--top-p P] [--seed S] [--stop STR]... [--ignore-eos] [--no-bos] [--ids] [--threads N]",
+  help = "stream a completion of TEXT to stdout (an empty prompt starts from BOS); --ids prints token ids",
+  spec = { model = "string", prompt = "string", ["max-tokens"] = "number", temperature = "number",
+           ["top-k"] = "number", ["top-p"] = "number", seed = "number", stop = "list",
+           ["ignore-eos"] = "flag", ["no-bos"] = "flag", ids = "flag", threads = "number" },
+  run = function(o)
+    local model = load_model(need(o, "model", "generate"), o.threads)
+    local first = true
+    local res, err = model:generate(o.prompt or "", {
+      max_tokens = o.max_tokens or 128, temperature = o.temperature or 0, top_k = o.top_k,
+      top_p = o.top_p, seed = o.seed, stop = o.stop, ignore_eos = o.ignore_eos,
+      bos = not o.no_bos or nil,
+    }, function(_, ev)
+      if o.ids then
+        if ev.token >= 0 and not ev.eos then
+          io.stdout:write(first and "" or " ", ev.token)
+          first = false
+        end
+      else
+        io.stdout:write(ev.text)
+      end
+      io.stdout:flush()
+    end)
+    if not res then die(err) end
+    io.stdout:write("\n")
+  end,
+}
+
+commands.tokenize = {
+  usage = "tokenize (--model DIR | --tokenizer FILE) [--detokenize] [--no-bos] [--no-special]",
+  help = "read text lines on stdin, print one line of ids per line (--detokenize: the reverse)",
+  spec = { model = "string", tokenizer = "string", detokenize = "flag", ["no-bos"] = "flag",
+           ["no-special"] = "flag" },
+  run = function(o)
+    local src = o.tokenizer or o.model
+    if not src then die("tokenize: --model DIR or --tokenizer FILE is required") end
+    local tok, err = flexllm().load_tokenizer(src)
+    if not tok then die(err) end
+    local n = 0
+    for line in io.stdin:lines() do
+      n = n + 1
+      if o.detokenize then
+        local ids = {}
+        for w in line:gmatch("%S+") do
+          local id = tonumber(w)
+          if not id or id % 1 ~= 0 then die(("stdin line %d: '%s' is not a token id"):format(n, w)) end
+          ids[#ids + 1] = id
+        end
+        io.stdout:write(tok:decode(ids), "\n")
+      else
+        local opts = { special = not o.no_special }
+        if o.no_bos then opts.bos = false end
+        local ids, terr = tok:encode(line, opts)
+        if not ids then die(("stdin line %d: %s"):format(n, terr)) end
+        io.stdout:write(table.concat(ids, " "), "\n")
+      end
+    end
+  end,
+}
+
+local init_spec = { seed = "number", dim = "number", hidden = "number", layers = "number",
+                    heads = "number", ["kv-heads"] = "number", vocab = "number", ["max-seq"] = "number" }
+
+local function init_opts(o)
+  return { seed = o.seed, dim = o.dim, hidden_dim = o.hidden, n_layers = o.layers,
+           n_heads = o.heads, n_kv_heads = o.kv_heads, vocab_size = o.vocab,
+           max_seq_len = o.max_seq }
+end
+
+commands["init-model"] = {
+  usage = "init-model DIR [--seed N] [--dim N] [--hidden N] [--layers N] [--heads N] [--kv-heads N]\n"
+    .. "         [--vocab N] [--max-seq N]",
+  help = "write a seeded random LLaMA with a byte-level tokenizer in the Hugging Face layout",
+  spec = init_spec,
+  run = function(o, pos)
+    local dir = pos[1] or die("init-model: the output DIR is required")
+    local ok, err = flexllm().init_model(dir, init_opts(o))
+    if not ok then die(err) end
+    print(("wrote %s"):format(dir))
+  end,
+}
+
+-- The embedded default model, written once into the cache.
+local function default_model_dir()
+  local home = os.getenv("FLEXLLM_HOME")
+    or ((os.getenv("XDG_CACHE_HOME") or ((os.getenv("HOME") or "/tmp") .. "/.cache")) .. "/flexllm")
+  local dir = home .. "/default-model"
+  local f = io.open(dir .. "/model.safetensors", "rb")
+  if f then
+    f:close()
+  else
+    os.execute(("mkdir -p '%s'"):format(home))
+    local ok, err = flexllm().init_model(dir, {})
+    if not ok then die(err) end
+  end
+  return dir
+end
+
+commands.demo = {
+  usage = "demo [--model DIR] [--requests N] [--max-tokens N] [--threads N]",
+  help = "batched generation on the embedded default model (or DIR), streamed, with throughput",
+  spec = { model = "string", requests = "number", ["max-tokens"] = "number", threads = "number" },
+  run = function(o)
+    local dir = o.model or default_model_dir()
+    local model = load_model(dir, o.threads)
+    local cfg = model:config()
+    print(("model %s: %s, %d layers, dim %d, %.1fM parameters"):format(dir, cfg.arch, cfg.n_layers,
+      cfg.dim, model.handle:n_params() / 1e6))
+    local n = o.requests or 8
+    local seeds = { "Once upon a time", "The little dog", "In a small town", "She looked at the",
+                    "Tom and Lily", "One day, a bird", "The sun was", "A big red ball" }
+    local prompts = {}
+    for i = 1, n do prompts[i] = seeds[(i - 1) % #seeds + 1] end
+    local t0 = os.clock()
+    local res, err = model:generate(prompts, { max_tokens = o.max_tokens or 48, temperature = 0.8,
+                                               seed = 1, ignore_eos = true },
+      function(i, ev) if i == 1 then io.stdout:write(ev.text) io.stdout:flush() end end)
+    if not res then die(err) end
+    local dt, toks = os.clock() - t0, 0
+    for _, r in ipairs(res) do toks = toks + #r.ids end
+    print(("\n\n%d requests in one batch, %d tokens generated, %.0f tokens/s (CPU time)")
+      :format(n, toks, toks / math.max(dt, 1e-9)))
+  end,
+}
+
+local function usage()
+  local names = {}
+  for k in pairs(commands) do names[#names + 1] = k end
+  table.sort(names)
+  local out = { "usage: flexllm COMMAND [options]\n" }
+  for _, k in ipairs(names) do
+    out[#out + 1] = ("  %s\n      %s\n"):format(commands[k].usage, commands[k].help)
+  end
+  return table.concat(out)
+end
+
+function M.main(args)
+  local name = args[1]
+  if name == nil or name == "help" or name == "--help" or name == "-h" then
+    io.stdout:write(usage())
+    return 0
+  end
+  if name == "version" or name == "--version" then
+    print("flexllm " .. flexllm().version)
+    return 0
+  end
+  local cmd = commands[name]
+  if not cmd then
+    io.stderr:write(("flexllm: unknown command '%s'\n"):format(name), usage())
+    return 1
+  end
+  local rest = {}
+  for i = 2, #args do rest[#rest + 1] = args[i] end
+  local opts, pos = parse(rest, cmd.spec, name)
+  cmd.run(opts, pos)
+  return 0
+end
+
+-- Run as a script by bin/flexllm (required as a module, `...` is its name).
+if ... ~= "flexllm.cli" then os.exit(M.main(arg)) end
+
+return M

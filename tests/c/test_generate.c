@@ -1,0 +1,203 @@
+/* The forward pass and generation against independent truths: llama2.c's greedy ids
+ * for stories260K, and batch/chunk invariance of logits. */
+#include "flexllm.h"
+#include "tap.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+
+static int read_expected(const char *path, int32_t *ids, int cap) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return -1;
+    char buf[8192];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    cJSON *arr = cJSON_Parse(buf);
+    int count = 0;
+    cJSON *it;
+    cJSON_ArrayForEach(it, arr) if (count < cap) ids[count++] = (int32_t)it->valueint;
+    cJSON_Delete(arr);
+    return count;
+}
+
+static int argmax(const float *x, int n) {
+    int b = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[b]) b = i;
+    return b;
+}
+
+/* Greedy from BOS one token per forward, as llama2.c's run.c does. */
+static void test_greedy_forward(fl_model *m, const int32_t *expect, int n_expect) {
+    fl_context *ctx = fl_context_new(m, NULL);
+    int vocab = fl_model_config(m)->vocab_size;
+    float *logits = malloc(sizeof(float) * vocab);
+    int seq = fl_seq_new(ctx), match = 0;
+    int32_t tok = 1, pos = 0;
+    for (int i = 0; i < n_expect; i++, pos++) {
+        fl_batch b = {1, &tok, &seq, &pos, NULL};
+        if (fl_forward(ctx, &b, logits) != 1) break;
+        tok = argmax(logits, vocab);
+        if (tok != expect[i]) break;
+        match++;
+    }
+    tap_ok(match == n_expect, "stories260K greedy from BOS, one token per forward: %d/%d ids "
+                              "equal llama2.c's", match, n_expect);
+    free(logits);
+    fl_context_free(ctx);
+}
+
+/* The same 80 ids through the generator, while other requests share its batches. */
+static void test_greedy_generator(fl_model *m, const int32_t *expect, int n_expect) {
+    fl_context_params cp = fl_context_default_params();
+    cp.max_batch_tokens = 64;
+    fl_context *ctx = fl_context_new(m, &cp);
+    fl_generator_params gp = fl_generator_default_params();
+    gp.prefill_chunk = 5;
+    fl_generator *g = fl_generator_new(ctx, &gp);
+    int32_t bos = 1, other[40];
+    for (int i = 0; i < 40; i++) other[i] = 3 + (i * 37) % 500;
+    fl_request_params rp = fl_request_default_params();
+    rp.max_tokens = n_expect;
+    rp.ignore_eos = 1;
+    fl_request_params op = rp;
+    op.max_tokens = 30;
+    op.sampling.temperature = 0.9f;
+    op.sampling.seed = 7;
+    fl_generator_add(g, other, 40, &op);
+    int id = fl_generator_add(g, &bos, 1, &rp);
+    fl_generator_add(g, other + 3, 37, &op);
+    int32_t got[128];
+    int n_got = 0, steps = 0;
+    while (fl_generator_active(g) > 0 && steps++ < 1000) {
+        const fl_gen_event *ev;
+        int n = fl_generator_step(g, &ev);
+        if (n < 0) break;
+        for (int i = 0; i < n; i++)
+            if (ev[i].request == id && ev[i].token >= 0 && n_got < 128) got[n_got++] = ev[i].token;
+    }
+    int same = n_got == n_expect && memcmp(got, expect, sizeof(int32_t) * n_expect) == 0;
+    tap_ok(same, "stories260K greedy through the generator beside 2 sampled requests: %d ids, "
+                 "equal to llama2.c's: %s", n_got, same ? "yes" : "no");
+    tap_ok(fl_kv_pages_free(ctx) == fl_kv_pages_total(ctx),
+           "every KV page is back in the pool after the requests finish (%d/%d)",
+           fl_kv_pages_free(ctx), fl_kv_pages_total(ctx));
+    fl_generator_free(g);
+    fl_context_free(ctx);
+}
+
+/* Logits of every position of seq A, computed alone in one prefill. */
+static float *logits_alone(fl_model *m, const int32_t *toks, int n) {
+    int vocab = fl_model_config(m)->vocab_size;
+    fl_context_params cp = fl_context_default_params();
+    cp.max_batch_tokens = 256;
+    fl_context *ctx = fl_context_new(m, &cp);
+    float *out = malloc(sizeof(float) * vocab * n);
+    int32_t seqs[256], pos[256];
+    int8_t all[256];
+    int seq = fl_seq_new(ctx);
+    for (int i = 0; i < n; i++) seqs[i] = seq, pos[i] = i, all[i] = 1;
+    fl_batch b = {n, toks, seqs, pos, all};
+    int got = fl_forward(ctx, &b, out);
+    fl_context_free(ctx);
+    if (got != n) {
+        free(out);
+        return NULL;
+    }
+    return out;
+}
+
+/* Seq A prefilled in chunks of `chunk`, each batch shared with a prefill chunk and
+ * decode tokens of two other sequences. Returns the largest |difference| to ref. */
+static double max_diff_chunked(fl_model *m, const int32_t *toks, int n, int chunk, int mixed,
+                               const float *ref) {
+    int vocab = fl_model_config(m)->vocab_size;
+    fl_context_params cp = fl_context_default_params();
+    cp.max_batch_tokens = 256;
+    cp.kv_pages = 40;
+    fl_context *ctx = fl_context_new(m, &cp);
+    /* A third sequence takes pages first, so A's pages are not contiguous. */
+    int b_seq = fl_seq_new(ctx), a_seq = fl_seq_new(ctx), c_seq = fl_seq_new(ctx);
+    float *out = malloc(sizeof(float) * vocab * 256);
+    int32_t tk[256], sq[256], ps[256];
+    int8_t want[256];
+    int b_len = 0, c_len = 0, a_done = 0;
+    double worst = 0;
+    while (a_done < n) {
+        int t = 0;
+        if (mixed) { /* decode-like single tokens of B, a prefill chunk of C */
+            tk[t] = 5 + b_len % 100, sq[t] = b_seq, ps[t] = b_len++, want[t++] = 1;
+            for (int j = 0; j < 3; j++) tk[t] = 9 + c_len % 50, sq[t] = c_seq, ps[t] = c_len++, want[t++] = 0;
+        }
+        int take = n - a_done < chunk ? n - a_done : chunk;
+        for (int j = 0; j < take; j++)
+            tk[t] = toks[a_done + j], sq[t] = a_seq, ps[t] = a_done + j, want[t++] = 1;
+        if (mixed) tk[t] = 7, sq[t] = b_seq, ps[t] = b_len++, want[t++] = 0;
+        fl_batch b = {t, tk, sq, ps, want};
+        int rows = fl_forward(ctx, &b, out);
+        if (rows < 0) {
+            worst = INFINITY;
+            break;
+        }
+        int row_a = mixed ? 1 : 0; /* B's first token has a row before A's */
+        for (int j = 0; j < take; j++) {
+            const float *x = out + (size_t)(row_a + j) * vocab, *y = ref + (size_t)(a_done + j) * vocab;
+            for (int v = 0; v < vocab; v++) {
+                double d = fabs((double)x[v] - y[v]);
+                if (d > worst) worst = d;
+            }
+        }
+        a_done += take;
+    }
+    free(out);
+    fl_context_free(ctx);
+    return worst;
+}
+
+static void test_batch_invariance(fl_model *m, const char *what) {
+    int32_t toks[100];
+    for (int i = 0; i < 100; i++) toks[i] = 1 + (i * 131 + 17) % (fl_model_config(m)->vocab_size - 1);
+    float *ref = logits_alone(m, toks, 100);
+    if (!tap_ok(ref != NULL, "%s: 100-token prefill alone runs (%s)", what, fl_last_error())) return;
+    int chunks[] = {1, 7, 100};
+    for (int i = 0; i < 3; i++) {
+        for (int mixed = 0; mixed <= 1; mixed++) {
+            double d = max_diff_chunked(m, toks, 100, chunks[i], mixed, ref);
+            tap_ok(d <= 1e-5, "%s: prefill in chunks of %d%s gives the same logits (max |diff| %.2e)",
+                   what, chunks[i], mixed ? " shared with 2 other sequences" : "", d);
+        }
+    }
+    free(ref);
+}
+
+int main(void) {
+    const char *dir = tap_shared("models/stories260K");
+    if (!dir) {
+        tap_skip("stories260K tests: ../shared/models/stories260K absent (set FLEXLLM_SHARED)");
+    } else {
+        fl_model *m = fl_model_load(dir, NULL);
+        if (tap_ok(m != NULL, "stories260K loads (%s)", m ? "" : fl_last_error())) {
+            int32_t expect[80];
+            char path[4200];
+            snprintf(path, sizeof path, "%s/expected_greedy_from_bos_80.json", dir);
+            int n = read_expected(path, expect, 80);
+            tap_ok(n == 80, "read 80 expected ids from llama2.c");
+            test_greedy_forward(m, expect, n);
+            test_greedy_generator(m, expect, n);
+            test_batch_invariance(m, "stories260K");
+            fl_model_free(m);
+        }
+    }
+    const char *tmp = tap_tmpdir("generate_init_model");
+    fl_init_model_params ip = fl_init_model_default_params();
+    if (tap_ok(tmp && fl_init_model(tmp, &ip) == 0, "init-model writes the default model (%s)",
+               fl_last_error())) {
+        fl_model *m = fl_model_load(tmp, NULL);
+        if (tap_ok(m != NULL, "the init-model model loads (%s)", m ? "" : fl_last_error())) {
+            test_batch_invariance(m, "init-model default");
+            fl_model_free(m);
+        }
+    }
+    return tap_done();
+}
