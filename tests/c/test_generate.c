@@ -155,17 +155,26 @@ static double max_diff_chunked(fl_model *m, const int32_t *toks, int n, int chun
     return worst;
 }
 
+/* OpenBLAS picks kernels by matrix size (small-matrix kernels on AVX-512 for
+ * out*rows <= ~1200), and they round differently, so on tiny models rows are not
+ * bitwise batch-invariant: the bound is 1e-5 of the logits' scale. */
 static void test_batch_invariance(fl_model *m, const char *what) {
+    int vocab = fl_model_config(m)->vocab_size;
     int32_t toks[100];
-    for (int i = 0; i < 100; i++) toks[i] = 1 + (i * 131 + 17) % (fl_model_config(m)->vocab_size - 1);
+    for (int i = 0; i < 100; i++) toks[i] = 1 + (i * 131 + 17) % (vocab - 1);
     float *ref = logits_alone(m, toks, 100);
     if (!tap_ok(ref != NULL, "%s: 100-token prefill alone runs (%s)", what, fl_last_error())) return;
+    double scale = 1.0;
+    for (int i = 0; i < 100 * vocab; i++)
+        if (fabs(ref[i]) > scale) scale = fabs(ref[i]);
     int chunks[] = {1, 7, 100};
     for (int i = 0; i < 3; i++) {
         for (int mixed = 0; mixed <= 1; mixed++) {
             double d = max_diff_chunked(m, toks, 100, chunks[i], mixed, ref);
-            tap_ok(d <= 1e-5, "%s: prefill in chunks of %d%s gives the same logits (max |diff| %.2e)",
-                   what, chunks[i], mixed ? " shared with 2 other sequences" : "", d);
+            tap_ok(d <= 1e-5 * scale,
+                   "%s: prefill in chunks of %d%s gives the same logits (max |diff| %.2e, "
+                   "max |logit| %.1f)",
+                   what, chunks[i], mixed ? " shared with 2 other sequences" : "", d, scale);
         }
     }
     free(ref);
