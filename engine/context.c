@@ -137,6 +137,8 @@ int fl_seq_len(const fl_context *ctx, int seq) {
     return s ? s->len : fl_error("context: sequence %d is not live", seq);
 }
 
+const fl_model *fl_context_model(const fl_context *ctx) { return ctx->model; }
+int fl_context_max_batch_tokens(const fl_context *ctx) { return ctx->params.max_batch_tokens; }
 int fl_kv_pages_total(const fl_context *ctx) { return ctx->n_pages; }
 int fl_kv_pages_free(const fl_context *ctx) { return ctx->n_free; }
 

@@ -292,6 +292,49 @@ static int l_ctx_generator(lua_State *L) {
     return 1;
 }
 
+/* ctx:logits(ids): runs ids as a fresh sequence, in chunks of max_batch_tokens, and
+ * returns the logits of every position as a list of vocab-sized lists (scoring,
+ * perplexity, checks against a reference implementation). */
+static int l_ctx_logits(lua_State *L) {
+    fl_context *ctx = check(L, 1, CTX_MT);
+    int n;
+    int32_t *ids = ids_from_table(L, 2, &n);
+    int vocab = fl_model_config(fl_context_model(ctx))->vocab_size;
+    int chunk = fl_context_max_batch_tokens(ctx);
+    int32_t *seqs = malloc(sizeof(int32_t) * (size_t)chunk);
+    int32_t *pos = malloc(sizeof(int32_t) * (size_t)chunk);
+    int8_t *want = malloc((size_t)chunk);
+    float *out = malloc(sizeof(float) * (size_t)(n > 0 ? n : 1) * vocab);
+    int seq = -1, ok = seqs && pos && want && out && (seq = fl_seq_new(ctx)) >= 0;
+    for (int off = 0; ok && off < n; off += chunk) {
+        int m = n - off < chunk ? n - off : chunk;
+        for (int i = 0; i < m; i++) seqs[i] = seq, pos[i] = off + i, want[i] = 1;
+        fl_batch b = {m, ids + off, seqs, pos, want};
+        ok = fl_forward(ctx, &b, out + (size_t)off * vocab) == m;
+    }
+    if (seq >= 0) fl_seq_free(ctx, seq);
+    free(ids);
+    free(seqs);
+    free(pos);
+    free(want);
+    if (!ok) {
+        free(out);
+        if (!out) return luaL_error(L, "out of memory");
+        return fail(L);
+    }
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        lua_createtable(L, vocab, 0);
+        for (int v = 0; v < vocab; v++) {
+            lua_pushnumber(L, out[(size_t)i * vocab + v]);
+            lua_rawseti(L, -2, v + 1);
+        }
+        lua_rawseti(L, -2, i + 1);
+    }
+    free(out);
+    return 1;
+}
+
 /* -------------------------------------------------------------- generator */
 
 static int l_gen_gc(lua_State *L) {
@@ -418,6 +461,7 @@ int luaopen_flexllm_core(lua_State *L) {
                                      {"info", l_tok_info}, {"token_text", l_tok_token_text},
                                      {NULL, NULL}};
     static const luaL_Reg ctx_m[] = {{"generator", l_ctx_generator}, {"kv_pages", l_ctx_kv_pages},
+                                     {"logits", l_ctx_logits},
                                      {NULL, NULL}};
     static const luaL_Reg gen_m[] = {{"add", l_gen_add}, {"step", l_gen_step},
                                      {"active", l_gen_active}, {NULL, NULL}};

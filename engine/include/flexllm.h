@@ -141,6 +141,8 @@ int fl_seq_new(fl_context *ctx);
 /* Ends a sequence and returns its pages to the pool. */
 int fl_seq_free(fl_context *ctx, int seq);
 int fl_seq_len(const fl_context *ctx, int seq);
+const fl_model *fl_context_model(const fl_context *ctx);
+int fl_context_max_batch_tokens(const fl_context *ctx);
 int fl_kv_pages_total(const fl_context *ctx);
 int fl_kv_pages_free(const fl_context *ctx);
 
