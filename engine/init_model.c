@@ -1,0 +1,434 @@
+/* fl_init_model: a seeded random LLaMA in the Hugging Face layout (config.json,
+ * model.safetensors in F32, tokenizer.json, tokenizer_config.json), so every
+ * command can run without a download. The same seed gives byte-identical files.
+ *
+ * Choices: lm_head is a separate tensor (tie_word_embeddings false), so the
+ * untied output path is exercised; weights are ~N(0, 0.02), with the residual
+ * output projections (o_proj, down_proj) scaled by 1/sqrt(2 n_layers) as in
+ * GPT-2; norms are 1. The tokenizer is byte-level BPE: the 256 bytes at ids
+ * 0..255, a fixed list of English merges, then <|begin_of_text|> and
+ * <|end_of_text|>. */
+#include "fl_internal.h"
+#include "safetensors.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#define INIT_STD 0.02
+#define CHUNK 65536 /* elements per PRNG stream: chunks fill in parallel, same bytes */
+
+static const char *const BOS_TEXT = "<|begin_of_text|>";
+static const char *const EOS_TEXT = "<|end_of_text|>";
+
+/* LLaMA-3's pre-tokenizer split pattern. */
+static const char *const SPLIT_REGEX =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+"
+    "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+
+/* BPE merges in raw bytes, in rank order: each side is a byte or an earlier
+ * merge's result. Common English pieces and words, built up left to right. */
+static const char *const MERGES[][2] = {
+    {"t", "h"}, {" ", "t"}, {" ", "a"}, {"h", "e"}, {"i", "n"}, {"e", "r"}, {"a", "n"}, {"r", "e"},
+    {"o", "n"}, {" ", "s"}, {"e", "n"}, {"a", "t"}, {"o", "u"}, {"n", "d"}, {" ", "w"}, {"e", "d"},
+    {"i", "s"}, {"o", "r"}, {"i", "t"}, {" ", "o"}, {"e", "s"}, {"a", "r"}, {" ", "b"}, {" ", "c"},
+    {" ", "f"}, {" ", "h"}, {" ", "m"}, {" ", "p"}, {" ", "d"}, {" ", "l"}, {" ", "i"}, {"l", "l"},
+    {"a", "s"}, {"o", "w"}, {"l", "e"}, {"s", "t"}, {"v", "e"}, {"a", "l"}, {"o", "m"}, {"c", "h"},
+    {"l", "y"}, {" ", "g"}, {" ", "n"}, {" ", "r"}, {" ", "e"}, {" ", "y"}, {" ", "u"},
+    {" t", "he"}, {"in", "g"}, {" a", "nd"}, {" t", "o"}, {" o", "f"}, {" i", "n"}, {" i", "s"},
+    {" i", "t"}, {" w", "as"}, {" h", "e"}, {" s", "he"}, {" t", "h"}, {" th", "a"}, {" tha", "t"},
+    {" f", "or"}, {" o", "n"}, {" w", "it"}, {" wit", "h"}, {" h", "is"}, {" he", "r"},
+    {" the", "y"}, {" y", "ou"}, {" b", "e"}, {" a", "t"}, {" h", "a"}, {" ha", "v"},
+    {" hav", "e"}, {" n", "o"}, {" no", "t"}, {" a", "re"}, {" b", "u"}, {" bu", "t"},
+    {" ha", "d"}, {" s", "a"}, {" sa", "i"}, {" sai", "d"}, {" the", "re"}, {" on", "e"},
+    {" a", "ll"}, {" w", "e"}, {" c", "an"}, {" u", "p"}, {" d", "a"}, {" da", "y"}, {" t", "i"},
+    {" ti", "m"}, {" tim", "e"}, {" l", "it"}, {" lit", "t"}, {" litt", "l"}, {" littl", "e"},
+    {" g", "i"}, {" gi", "r"}, {" gir", "l"}, {" b", "o"}, {" bo", "y"}, {" ha", "p"},
+    {" hap", "p"}, {" happ", "y"}, {" p", "l"}, {" pl", "a"}, {" pla", "y"}, {" sa", "w"},
+    {" b", "i"}, {" bi", "g"}, {" ", "ve"}, {" ve", "r"}, {" ver", "y"}, {" s", "o"}, {" d", "o"},
+    {" w", "h"}, {" wh", "a"}, {" wha", "t"}, {" m", "y"}, {" th", "is"}, {" f", "r"},
+    {" fr", "o"}, {" fro", "m"}, {" ", "O"}, {" O", "n"}, {" On", "c"}, {" Onc", "e"},
+    {" up", "on"}, {" fr", "i"}, {" fri", "e"}, {" frie", "n"}, {" frien", "d"}, {" m", "om"},
+    {" we", "n"}, {" wen", "t"}, {" b", "a"}, {" ba", "c"}, {" bac", "k"}, {" l", "i"},
+    {" li", "k"}, {" lik", "e"}, {" w", "an"}, {" wan", "t"}, {" ", "H"}, {" H", "e"}, {" ", "S"},
+    {" S", "h"}, {" Sh", "e"}, {" ", "T"}, {" T", "h"}, {" Th", "e"}, {"T", "he"}, {"ve", "r"},
+    {"ou", "l"}, {"oul", "d"}, {" c", "ould"}, {" w", "ould"}, {"'", "s"}, {".", "\n"}, {" ", "I"},
+};
+#define N_MERGES ((int)(sizeof MERGES / sizeof MERGES[0]))
+
+fl_init_model_params fl_init_model_default_params(void) {
+    fl_init_model_params p;
+    p.seed = 42;
+    p.dim = 256;
+    p.hidden_dim = 688; /* about 8/3 dim, a multiple of 16 */
+    p.n_layers = 4;
+    p.n_heads = 8;
+    p.n_kv_heads = 4;
+    p.vocab_size = 512;
+    p.max_seq_len = 1024;
+    return p;
+}
+
+static int check_params(const fl_init_model_params *p) {
+    if (p->dim <= 0 || p->hidden_dim <= 0 || p->n_layers <= 0 || p->n_heads <= 0 ||
+        p->n_kv_heads <= 0 || p->vocab_size <= 0 || p->max_seq_len <= 0)
+        return fl_error("dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size "
+                        "and max_seq_len must be positive");
+    if (p->dim % p->n_heads != 0)
+        return fl_error("dim %d is not divisible by n_heads %d", p->dim, p->n_heads);
+    if ((p->dim / p->n_heads) % 2 != 0)
+        return fl_error("head_dim %d must be even for rotary embeddings",
+                        p->dim / p->n_heads);
+    if (p->n_heads % p->n_kv_heads != 0)
+        return fl_error("n_heads %d is not divisible by n_kv_heads %d", p->n_heads,
+                        p->n_kv_heads);
+    if (p->vocab_size < 258)
+        return fl_error("vocab_size %d is below 258 (256 bytes + BOS + EOS)",
+                        p->vocab_size);
+    return 0;
+}
+
+/* mkdir -p. */
+static int make_dirs(const char *dir) {
+    char buf[4096];
+    if (snprintf(buf, sizeof buf, "%s", dir) >= (int)sizeof buf)
+        return fl_error("%s: path too long", dir);
+    for (char *p = buf + 1;; p++) {
+        if (*p != '/' && *p != 0) continue;
+        char c = *p;
+        *p = 0;
+        if (mkdir(buf, 0777) != 0 && errno != EEXIST)
+            return fl_error("%s: cannot create directory: %s", buf, strerror(errno));
+        *p = c;
+        if (!c) break;
+    }
+    struct stat st;
+    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
+        return fl_error("%s: not a directory", dir);
+    return 0;
+}
+
+/* Writes a cJSON tree (then freed) to dir/name atomically. */
+static int write_json(const char *dir, const char *name, cJSON *root) {
+    char path[4096];
+    char *text = root ? cJSON_Print(root) : NULL;
+    cJSON_Delete(root);
+    if (!text) return fl_error("%s/%s: out of memory building JSON", dir, name);
+    int rc = fl_path_join(path, sizeof path, dir, name);
+    if (!rc) rc = fl_write_file_atomic(path, text, strlen(text));
+    free(text);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- config */
+
+static int n_merges_for(const fl_init_model_params *p) {
+    int room = p->vocab_size - 258;
+    return room < N_MERGES ? room : N_MERGES;
+}
+
+static int write_config(const char *dir, const fl_init_model_params *p) {
+    int bos = 256 + n_merges_for(p);
+    cJSON *c = cJSON_CreateObject();
+    cJSON *archs = cJSON_AddArrayToObject(c, "architectures");
+    cJSON_AddItemToArray(archs, cJSON_CreateString("LlamaForCausalLM"));
+    cJSON_AddStringToObject(c, "model_type", "llama");
+    cJSON_AddNumberToObject(c, "hidden_size", p->dim);
+    cJSON_AddNumberToObject(c, "intermediate_size", p->hidden_dim);
+    cJSON_AddNumberToObject(c, "num_hidden_layers", p->n_layers);
+    cJSON_AddNumberToObject(c, "num_attention_heads", p->n_heads);
+    cJSON_AddNumberToObject(c, "num_key_value_heads", p->n_kv_heads);
+    cJSON_AddNumberToObject(c, "head_dim", p->dim / p->n_heads);
+    cJSON_AddNumberToObject(c, "vocab_size", p->vocab_size);
+    cJSON_AddNumberToObject(c, "max_position_embeddings", p->max_seq_len);
+    cJSON_AddNumberToObject(c, "rms_norm_eps", 1e-5);
+    cJSON_AddNumberToObject(c, "rope_theta", 10000.0);
+    cJSON_AddNullToObject(c, "rope_scaling");
+    cJSON_AddFalseToObject(c, "tie_word_embeddings");
+    cJSON_AddFalseToObject(c, "attention_bias");
+    cJSON_AddFalseToObject(c, "mlp_bias");
+    cJSON_AddStringToObject(c, "hidden_act", "silu");
+    cJSON_AddNumberToObject(c, "initializer_range", INIT_STD);
+    cJSON_AddNumberToObject(c, "bos_token_id", bos);
+    cJSON_AddNumberToObject(c, "eos_token_id", bos + 1);
+    cJSON_AddStringToObject(c, "torch_dtype", "float32");
+    cJSON_AddNumberToObject(c, "flexllm_init_seed", p->seed);
+    return write_json(dir, "config.json", c);
+}
+
+/* ------------------------------------------------------------- tokenizer */
+
+/* GPT-2's byte -> unicode map: printable bytes stand for themselves, the
+ * others take code points from 256 up, in byte order. Writes UTF-8. */
+static void byte_symbol(int b, char out[3]) {
+    int cp = b;
+    if (!((b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255))) {
+        int k = 0;
+        for (int x = 0; x < b; x++)
+            if (!((x >= 33 && x <= 126) || (x >= 161 && x <= 172) || (x >= 174 && x <= 255))) k++;
+        cp = 256 + k;
+    }
+    if (cp < 0x80) {
+        out[0] = (char)cp;
+        out[1] = 0;
+    } else {
+        out[0] = (char)(0xc0 | (cp >> 6));
+        out[1] = (char)(0x80 | (cp & 0x3f));
+        out[2] = 0;
+    }
+}
+
+/* A raw byte string in the byte-level alphabet. */
+static void to_symbols(const char *raw, char *out, size_t cap) {
+    size_t n = 0;
+    for (const unsigned char *s = (const unsigned char *)raw; *s; s++) {
+        char sym[3];
+        byte_symbol(*s, sym);
+        size_t k = strlen(sym);
+        if (n + k + 1 > cap) break;
+        memcpy(out + n, sym, k);
+        n += k;
+    }
+    out[n] = 0;
+}
+
+static cJSON *added_token(int id, const char *text) {
+    cJSON *t = cJSON_CreateObject();
+    cJSON_AddNumberToObject(t, "id", id);
+    cJSON_AddStringToObject(t, "content", text);
+    cJSON_AddFalseToObject(t, "single_word");
+    cJSON_AddFalseToObject(t, "lstrip");
+    cJSON_AddFalseToObject(t, "rstrip");
+    cJSON_AddFalseToObject(t, "normalized");
+    cJSON_AddTrueToObject(t, "special");
+    return t;
+}
+
+static cJSON *byte_level(int add_prefix_space, int trim_offsets, int use_regex) {
+    cJSON *b = cJSON_CreateObject();
+    cJSON_AddStringToObject(b, "type", "ByteLevel");
+    cJSON_AddBoolToObject(b, "add_prefix_space", add_prefix_space);
+    cJSON_AddBoolToObject(b, "trim_offsets", trim_offsets);
+    cJSON_AddBoolToObject(b, "use_regex", use_regex);
+    return b;
+}
+
+static cJSON *pre_tokenizer(void) {
+    cJSON *seq = cJSON_CreateObject();
+    cJSON_AddStringToObject(seq, "type", "Sequence");
+    cJSON *list = cJSON_AddArrayToObject(seq, "pretokenizers");
+    cJSON *split = cJSON_CreateObject();
+    cJSON_AddStringToObject(split, "type", "Split");
+    cJSON_AddStringToObject(cJSON_AddObjectToObject(split, "pattern"), "Regex", SPLIT_REGEX);
+    cJSON_AddStringToObject(split, "behavior", "Isolated");
+    cJSON_AddFalseToObject(split, "invert");
+    cJSON_AddItemToArray(list, split);
+    cJSON_AddItemToArray(list, byte_level(0, 1, 0));
+    return seq;
+}
+
+static cJSON *template_piece(const char *kind, const char *id, int type_id) {
+    cJSON *piece = cJSON_CreateObject();
+    cJSON *body = cJSON_AddObjectToObject(piece, kind);
+    cJSON_AddStringToObject(body, "id", id);
+    cJSON_AddNumberToObject(body, "type_id", type_id);
+    return piece;
+}
+
+/* ByteLevel, then a template that puts BOS before each sequence (as LLaMA-3.1's). */
+static cJSON *post_processor(int bos) {
+    cJSON *tp = cJSON_CreateObject();
+    cJSON_AddStringToObject(tp, "type", "TemplateProcessing");
+    cJSON *single = cJSON_AddArrayToObject(tp, "single");
+    cJSON_AddItemToArray(single, template_piece("SpecialToken", BOS_TEXT, 0));
+    cJSON_AddItemToArray(single, template_piece("Sequence", "A", 0));
+    cJSON *pair = cJSON_AddArrayToObject(tp, "pair");
+    cJSON_AddItemToArray(pair, template_piece("SpecialToken", BOS_TEXT, 0));
+    cJSON_AddItemToArray(pair, template_piece("Sequence", "A", 0));
+    cJSON_AddItemToArray(pair, template_piece("SpecialToken", BOS_TEXT, 1));
+    cJSON_AddItemToArray(pair, template_piece("Sequence", "B", 1));
+    cJSON *special = cJSON_AddObjectToObject(cJSON_AddObjectToObject(tp, "special_tokens"), BOS_TEXT);
+    cJSON_AddStringToObject(special, "id", BOS_TEXT);
+    cJSON_AddItemToArray(cJSON_AddArrayToObject(special, "ids"), cJSON_CreateNumber(bos));
+    cJSON_AddItemToArray(cJSON_AddArrayToObject(special, "tokens"), cJSON_CreateString(BOS_TEXT));
+
+    cJSON *seq = cJSON_CreateObject();
+    cJSON_AddStringToObject(seq, "type", "Sequence");
+    cJSON *list = cJSON_AddArrayToObject(seq, "processors");
+    cJSON_AddItemToArray(list, byte_level(1, 0, 1));
+    cJSON_AddItemToArray(list, tp);
+    return seq;
+}
+
+static cJSON *bpe_model(int n_merges) {
+    cJSON *m = cJSON_CreateObject();
+    cJSON_AddStringToObject(m, "type", "BPE");
+    cJSON_AddNullToObject(m, "dropout");
+    cJSON_AddNullToObject(m, "unk_token");
+    cJSON_AddNullToObject(m, "continuing_subword_prefix");
+    cJSON_AddNullToObject(m, "end_of_word_suffix");
+    cJSON_AddFalseToObject(m, "fuse_unk");
+    cJSON_AddFalseToObject(m, "byte_fallback");
+    cJSON_AddFalseToObject(m, "ignore_merges");
+    cJSON *vocab = cJSON_AddObjectToObject(m, "vocab");
+    char a[64], b[64], ab[160];
+    for (int i = 0; i < 256; i++) {
+        char sym[3];
+        byte_symbol(i, sym);
+        cJSON_AddNumberToObject(vocab, sym, i);
+    }
+    cJSON *merges = cJSON_AddArrayToObject(m, "merges");
+    for (int i = 0; i < n_merges; i++) {
+        to_symbols(MERGES[i][0], a, sizeof a);
+        to_symbols(MERGES[i][1], b, sizeof b);
+        snprintf(ab, sizeof ab, "%s%s", a, b);
+        cJSON_AddNumberToObject(vocab, ab, 256 + i);
+        snprintf(ab, sizeof ab, "%s %s", a, b);
+        cJSON_AddItemToArray(merges, cJSON_CreateString(ab));
+    }
+    return m;
+}
+
+static int write_tokenizer(const char *dir, const fl_init_model_params *p) {
+    int n_merges = n_merges_for(p), bos = 256 + n_merges;
+    cJSON *t = cJSON_CreateObject();
+    cJSON_AddStringToObject(t, "version", "1.0");
+    cJSON_AddNullToObject(t, "truncation");
+    cJSON_AddNullToObject(t, "padding");
+    cJSON *added = cJSON_AddArrayToObject(t, "added_tokens");
+    cJSON_AddItemToArray(added, added_token(bos, BOS_TEXT));
+    cJSON_AddItemToArray(added, added_token(bos + 1, EOS_TEXT));
+    cJSON_AddNullToObject(t, "normalizer");
+    cJSON_AddItemToObject(t, "pre_tokenizer", pre_tokenizer());
+    cJSON_AddItemToObject(t, "post_processor", post_processor(bos));
+    cJSON_AddItemToObject(t, "decoder", byte_level(1, 1, 1));
+    cJSON_AddItemToObject(t, "model", bpe_model(n_merges));
+    if (write_json(dir, "tokenizer.json", t)) return -1;
+
+    cJSON *c = cJSON_CreateObject();
+    cJSON_AddTrueToObject(c, "add_bos_token");
+    cJSON_AddFalseToObject(c, "add_eos_token");
+    cJSON_AddStringToObject(c, "bos_token", BOS_TEXT);
+    cJSON_AddStringToObject(c, "eos_token", EOS_TEXT);
+    cJSON_AddNumberToObject(c, "model_max_length", p->max_seq_len);
+    cJSON_AddStringToObject(c, "tokenizer_class", "PreTrainedTokenizerFast");
+    cJSON_AddFalseToObject(c, "clean_up_tokenization_spaces");
+    return write_json(dir, "tokenizer_config.json", c);
+}
+
+/* --------------------------------------------------------------- weights */
+
+static uint64_t splitmix64(uint64_t *state) {
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* Near-normal values into x[n]: each is the sum of four 16-bit uniforms
+ * (Irwin-Hall), centred and scaled to the given std. Integer sums and one
+ * correctly rounded multiply make the bytes the same on every IEEE platform
+ * (no libm in the path), at a small fraction of Box-Muller's cost. */
+static void fill_normal(float *x, size_t n, double std, uint64_t state) {
+    /* (k + 0.5) / 65536 has mean 1/2 and variance ~1/12: the sum of four is 2 +- 1/sqrt(3). */
+    double scale = std * sqrt(3.0) / 65536.0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t r = splitmix64(&state);
+        int64_t s = (int64_t)(r & 0xffff) + (int64_t)(r >> 16 & 0xffff) +
+                    (int64_t)(r >> 32 & 0xffff) + (int64_t)(r >> 48);
+        x[i] = (float)((double)(s - 131070) * scale);
+    }
+}
+
+/* Each CHUNK of a tensor has its own stream keyed by (seed, tensor, chunk),
+ * so the bytes do not depend on the thread count. */
+static void fill_tensor(float *x, size_t n, double std, uint64_t seed, int tensor) {
+    long n_chunks = (long)((n + CHUNK - 1) / CHUNK);
+#pragma omp parallel for schedule(static)
+    for (long c = 0; c < n_chunks; c++) {
+        uint64_t key = seed ^ ((uint64_t)(tensor + 1) << 40) ^ (uint64_t)c;
+        uint64_t state = splitmix64(&key);
+        size_t begin = (size_t)c * CHUNK, len = n - begin < CHUNK ? n - begin : CHUNK;
+        fill_normal(x + begin, len, std, state);
+    }
+}
+
+typedef struct {
+    fl_st_tensor *t;
+    char (*names)[96];
+    int n;
+} tensor_list;
+
+/* Appends a 1-D (cols == 0) or 2-D tensor named from fmt and layer. */
+static int add_tensor(tensor_list *l, int layer, const char *fmt, int64_t rows, int64_t cols,
+                      double std, uint64_t seed) {
+    fl_st_tensor *t = &l->t[l->n];
+    snprintf(l->names[l->n], sizeof l->names[0], fmt, layer);
+    t->name = l->names[l->n];
+    t->dtype = FL_DTYPE_F32;
+    t->ndim = cols ? 2 : 1;
+    t->shape[0] = rows;
+    t->shape[1] = cols;
+    t->numel = cols ? rows * cols : rows;
+    t->nbytes = (size_t)t->numel * sizeof(float);
+    float *x = fl_malloc(t->nbytes);
+    if (!x) return -1;
+    if (std > 0) {
+        fill_tensor(x, (size_t)t->numel, std, seed, l->n);
+    } else {
+        for (int64_t i = 0; i < t->numel; i++) x[i] = 1.0f;
+    }
+    t->data = x;
+    l->n++;
+    return 0;
+}
+
+static int build_weights(tensor_list *l, const fl_init_model_params *p, uint64_t seed) {
+    int64_t dim = p->dim, hidden = p->hidden_dim, hd = p->dim / p->n_heads;
+    int64_t q_dim = p->n_heads * hd, kv_dim = p->n_kv_heads * hd;
+    double out_std = INIT_STD / sqrt(2.0 * p->n_layers);
+    int rc = add_tensor(l, 0, "model.embed_tokens.weight", p->vocab_size, dim, INIT_STD, seed);
+    for (int i = 0; i < p->n_layers && !rc; i++) {
+        rc = add_tensor(l, i, "model.layers.%d.input_layernorm.weight", dim, 0, 0, seed) ||
+             add_tensor(l, i, "model.layers.%d.self_attn.q_proj.weight", q_dim, dim, INIT_STD, seed) ||
+             add_tensor(l, i, "model.layers.%d.self_attn.k_proj.weight", kv_dim, dim, INIT_STD, seed) ||
+             add_tensor(l, i, "model.layers.%d.self_attn.v_proj.weight", kv_dim, dim, INIT_STD, seed) ||
+             add_tensor(l, i, "model.layers.%d.self_attn.o_proj.weight", dim, q_dim, out_std, seed) ||
+             add_tensor(l, i, "model.layers.%d.post_attention_layernorm.weight", dim, 0, 0, seed) ||
+             add_tensor(l, i, "model.layers.%d.mlp.gate_proj.weight", hidden, dim, INIT_STD, seed) ||
+             add_tensor(l, i, "model.layers.%d.mlp.up_proj.weight", hidden, dim, INIT_STD, seed) ||
+             add_tensor(l, i, "model.layers.%d.mlp.down_proj.weight", dim, hidden, out_std, seed);
+    }
+    if (!rc) rc = add_tensor(l, 0, "model.norm.weight", dim, 0, 0, seed);
+    if (!rc) rc = add_tensor(l, 0, "lm_head.weight", p->vocab_size, dim, INIT_STD, seed);
+    return rc;
+}
+
+static int write_weights(const char *dir, const fl_init_model_params *p) {
+    int cap = 3 + 9 * p->n_layers;
+    tensor_list l = {fl_calloc((size_t)cap, sizeof *l.t), fl_calloc((size_t)cap, sizeof *l.names), 0};
+    char path[4096];
+    int rc = (!l.t || !l.names) ? -1 : build_weights(&l, p, (uint64_t)(uint32_t)p->seed);
+    if (!rc) rc = fl_path_join(path, sizeof path, dir, "model.safetensors");
+    if (!rc) {
+        const char *keys[] = {"format", "generator"};
+        const char *values[] = {"pt", "flexllm init-model"};
+        rc = fl_st_write(path, l.t, l.n, keys, values, 2);
+    }
+    for (int i = 0; i < l.n; i++) free((void *)l.t[i].data);
+    free(l.t);
+    free(l.names);
+    return rc;
+}
+
+int fl_init_model(const char *dir, const fl_init_model_params *params) {
+    fl_init_model_params p = params ? *params : fl_init_model_default_params();
+    if (check_params(&p) || make_dirs(dir) || write_config(dir, &p) || write_tokenizer(dir, &p) ||
+        write_weights(dir, &p))
+        return fl_error_prefix("init-model %s", dir);
+    return 0;
+}
