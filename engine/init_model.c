@@ -6,8 +6,8 @@
  * untied output path is exercised; weights are ~N(0, 0.02), with the residual
  * output projections (o_proj, down_proj) scaled by 1/sqrt(2 n_layers) as in
  * GPT-2; norms are 1. The tokenizer is byte-level BPE: the 256 bytes at ids
- * 0..255, a fixed list of English merges, then <|begin_of_text|> and
- * <|end_of_text|>. */
+ * 0..255, up to 254 merges learned from English text (as many as vocab_size
+ * leaves room for), then <|begin_of_text|> and <|end_of_text|>. */
 #include "fl_internal.h"
 #include "safetensors.h"
 
@@ -30,33 +30,49 @@ static const char *const SPLIT_REGEX =
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+"
     "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
-/* BPE merges in raw bytes, in rank order: each side is a byte or an earlier
- * merge's result. Common English pieces and words, built up left to right. */
+/* BPE merges in raw bytes, in rank order, learned offline by byte-level BPE
+ * training (most frequent pair first, ties to the smaller bytes) on the ASCII
+ * words of TinyStories text, split by the pattern above: " the", " little",
+ * " friend" and other common words come out as single tokens. */
 static const char *const MERGES[][2] = {
-    {"t", "h"}, {" ", "t"}, {" ", "a"}, {"h", "e"}, {"i", "n"}, {"e", "r"}, {"a", "n"}, {"r", "e"},
-    {"o", "n"}, {" ", "s"}, {"e", "n"}, {"a", "t"}, {"o", "u"}, {"n", "d"}, {" ", "w"}, {"e", "d"},
-    {"i", "s"}, {"o", "r"}, {"i", "t"}, {" ", "o"}, {"e", "s"}, {"a", "r"}, {" ", "b"}, {" ", "c"},
-    {" ", "f"}, {" ", "h"}, {" ", "m"}, {" ", "p"}, {" ", "d"}, {" ", "l"}, {" ", "i"}, {"l", "l"},
-    {"a", "s"}, {"o", "w"}, {"l", "e"}, {"s", "t"}, {"v", "e"}, {"a", "l"}, {"o", "m"}, {"c", "h"},
-    {"l", "y"}, {" ", "g"}, {" ", "n"}, {" ", "r"}, {" ", "e"}, {" ", "y"}, {" ", "u"},
-    {" t", "he"}, {"in", "g"}, {" a", "nd"}, {" t", "o"}, {" o", "f"}, {" i", "n"}, {" i", "s"},
-    {" i", "t"}, {" w", "as"}, {" h", "e"}, {" s", "he"}, {" t", "h"}, {" th", "a"}, {" tha", "t"},
-    {" f", "or"}, {" o", "n"}, {" w", "it"}, {" wit", "h"}, {" h", "is"}, {" he", "r"},
-    {" the", "y"}, {" y", "ou"}, {" b", "e"}, {" a", "t"}, {" h", "a"}, {" ha", "v"},
-    {" hav", "e"}, {" n", "o"}, {" no", "t"}, {" a", "re"}, {" b", "u"}, {" bu", "t"},
-    {" ha", "d"}, {" s", "a"}, {" sa", "i"}, {" sai", "d"}, {" the", "re"}, {" on", "e"},
-    {" a", "ll"}, {" w", "e"}, {" c", "an"}, {" u", "p"}, {" d", "a"}, {" da", "y"}, {" t", "i"},
-    {" ti", "m"}, {" tim", "e"}, {" l", "it"}, {" lit", "t"}, {" litt", "l"}, {" littl", "e"},
-    {" g", "i"}, {" gi", "r"}, {" gir", "l"}, {" b", "o"}, {" bo", "y"}, {" ha", "p"},
-    {" hap", "p"}, {" happ", "y"}, {" p", "l"}, {" pl", "a"}, {" pla", "y"}, {" sa", "w"},
-    {" b", "i"}, {" bi", "g"}, {" ", "ve"}, {" ve", "r"}, {" ver", "y"}, {" s", "o"}, {" d", "o"},
-    {" w", "h"}, {" wh", "a"}, {" wha", "t"}, {" m", "y"}, {" th", "is"}, {" f", "r"},
-    {" fr", "o"}, {" fro", "m"}, {" ", "O"}, {" O", "n"}, {" On", "c"}, {" Onc", "e"},
-    {" up", "on"}, {" fr", "i"}, {" fri", "e"}, {" frie", "n"}, {" frien", "d"}, {" m", "om"},
-    {" we", "n"}, {" wen", "t"}, {" b", "a"}, {" ba", "c"}, {" bac", "k"}, {" l", "i"},
-    {" li", "k"}, {" lik", "e"}, {" w", "an"}, {" wan", "t"}, {" ", "H"}, {" H", "e"}, {" ", "S"},
-    {" S", "h"}, {" Sh", "e"}, {" ", "T"}, {" T", "h"}, {" Th", "e"}, {"T", "he"}, {"ve", "r"},
-    {"ou", "l"}, {"oul", "d"}, {" c", "ould"}, {" w", "ould"}, {"'", "s"}, {".", "\n"}, {" ", "I"},
+    {"h", "e"}, {" ", "t"}, {" ", "a"}, {" ", "s"}, {" ", "w"}, {" t", "he"}, {"n", "d"},
+    {"e", "d"}, {"i", "n"}, {" a", "nd"}, {" w", "a"}, {" ", "b"}, {" t", "o"}, {"r", "e"},
+    {"o", "u"}, {" ", "h"}, {"i", "t"}, {" ", "f"}, {"e", "r"}, {"\n", "\n"}, {" wa", "s"},
+    {" ", "c"}, {" ", "l"}, {" ", "he"}, {" ", "p"}, {"in", "g"}, {" ", "d"}, {" ", "m"},
+    {" ", "o"}, {"a", "r"}, {" ", "g"}, {".", "\n\n"}, {"i", "s"}, {"a", "y"}, {"i", "d"},
+    {"o", "m"}, {"l", "l"}, {"a", "t"}, {"e", "n"}, {" s", "a"}, {"n", "e"}, {"T", "he"},
+    {"i", "m"}, {"l", "e"}, {" t", "h"}, {"a", "n"}, {" h", "a"}, {"o", "r"}, {" ", "it"},
+    {"e", "t"}, {"v", "er"}, {"l", "d"}, {" ", "in"}, {" ", "S"}, {"o", "n"}, {" ", "e"},
+    {"c", "e"}, {" b", "e"}, {" he", "r"}, {" ", "H"}, {"i", "r"}, {" ", "\""}, {" ", "u"},
+    {" ", "n"}, {" sa", "id"}, {"r", "i"}, {"c", "k"}, {"o", "w"}, {" ", "The"}, {" s", "he"},
+    {" s", "o"}, {"s", "t"}, {" H", "e"}, {" ", "y"}, {"o", "t"}, {" o", "f"}, {" s", "t"},
+    {"i", "l"}, {"k", "e"}, {"u", "t"}, {"k", "ed"}, {"a", "m"}, {"o", "o"}, {" ", "I"},
+    {"p", "p"}, {" ", "r"}, {" S", "he"}, {"ver", "y"}, {"v", "e"}, {" th", "at"}, {"i", "g"},
+    {" h", "is"}, {" u", "p"}, {"it", "h"}, {" d", "ay"}, {" p", "l"}, {" w", "ith"}, {" y", "ou"},
+    {"ou", "ld"}, {"e", "l"}, {"it", "t"}, {"en", "t"}, {"t", "ed"}, {" ha", "d"}, {"a", "d"},
+    {"ou", "nd"}, {" ", "J"}, {"a", "l"}, {" w", "e"}, {"he", "r"}, {"\"", "\n\n"}, {" pl", "ay"},
+    {" s", "m"}, {"'", "s"}, {"itt", "le"}, {" the", "y"}, {"e", "nd"}, {" the", "re"},
+    {"a", "ck"}, {"im", "e"}, {" s", "h"}, {" t", "ime"}, {" ", "ne"}, {" f", "or"}, {" ", "re"},
+    {"u", "n"}, {"l", "y"}, {"ou", "t"}, {" l", "ittle"}, {"c", "h"}, {" ha", "pp"}, {" w", "h"},
+    {"h", "t"}, {"om", "e"}, {"s", "e"}, {" f", "ri"}, {" a", "s"}, {"m", "y"}, {"u", "m"},
+    {" fri", "end"}, {" ", "very"}, {"a", "ll"}, {" ", "k"}, {"O", "n"}, {"v", "ed"}, {" ", "T"},
+    {"On", "ce"}, {"t", "er"}, {"u", "g"}, {"i", "ll"}, {" o", "n"}, {" a", "n"}, {"ir", "l"},
+    {"e", "s"}, {" g", "irl"}, {" e", "x"}, {"'", "t"}, {" l", "i"}, {" b", "o"}, {"e", "c"},
+    {" we", "re"}, {"O", "ne"}, {" l", "oo"}, {" wa", "n"}, {" happ", "y"}, {" b", "ut"},
+    {"o", "re"}, {" b", "ig"}, {"a", "ke"}, {" s", "p"}, {"f", "u"}, {" ", "B"}, {" sa", "w"},
+    {" c", "ould"}, {" up", "on"}, {"id", "e"}, {"ar", "d"}, {"h", "ing"}, {"il", "ed"},
+    {"i", "c"}, {"r", "ound"}, {" ", "out"}, {"o", "ne"}, {"r", "a"}, {" h", "im"}, {"r", "y"},
+    {" m", "om"}, {" sm", "iled"}, {" ", "A"}, {"he", "n"}, {"w", "ay"}, {" I", "t"}, {"u", "r"},
+    {"fu", "l"}, {" The", "y"}, {" wan", "ted"}, {" w", "ent"}, {" n", "ot"}, {" he", "l"},
+    {"a", "in"}, {"e", "ar"}, {"i", "nd"}, {" a", "ll"}, {" ", "M"}, {"a", "re"}, {" friend", "s"},
+    {" T", "im"}, {" to", "o"}, {"am", "e"}, {" l", "o"}, {" hel", "p"}, {" g", "o"}, {"om", "et"},
+    {".", "\"\n\n"}, {"g", "ht"}, {" a", "t"}, {" ", "L"}, {" d", "o"}, {" as", "ked"},
+    {" a", "round"}, {"il", "y"}, {" s", "omet"}, {"re", "e"}, {" loo", "ked"}, {" ", "j"},
+    {" s", "e"}, {" somet", "hing"}, {"he", "d"}, {" c", "l"}, {"am", "ed"}, {"d", "d"},
+    {" w", "or"}, {"ar", "k"}, {"oo", "d"}, {"r", "o"}, {" c", "an"}, {" ", "E"}, {"k", "ing"},
+    {" ex", "c"}, {" w", "ould"}, {"a", "b"}, {"u", "re"}, {"r", "om"}, {" b", "ack"}, {" a", "g"},
+    {" bo", "y"}, {" f", "a"}, {" n", "amed"}, {"g", "et"}, {" exc", "it"}, {" o", "ld"},
+    {" st", "ar"}, {"s", "s"}, {" a", "l"},
 };
 #define N_MERGES ((int)(sizeof MERGES / sizeof MERGES[0]))
 
