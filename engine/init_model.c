@@ -443,8 +443,9 @@ static int write_weights(const char *dir, const fl_init_model_params *p) {
 
 int fl_init_model(const char *dir, const fl_init_model_params *params) {
     fl_init_model_params p = params ? *params : fl_init_model_default_params();
-    if (check_params(&p) || make_dirs(dir) || write_config(dir, &p) || write_tokenizer(dir, &p) ||
-        write_weights(dir, &p))
+    /* config.json last: a folder that has one holds a complete model. */
+    if (check_params(&p) || make_dirs(dir) || write_weights(dir, &p) || write_tokenizer(dir, &p) ||
+        write_config(dir, &p))
         return fl_error_prefix("init-model %s", dir);
     return 0;
 }
