@@ -487,7 +487,7 @@ void fl_st_to_f32(const fl_st_tensor *t, float *dst) {
     const unsigned char *src = t->data;
     size_t n = (size_t)t->numel;
     if (t->dtype == FL_DTYPE_F32) {
-        memcpy(dst, src, n * sizeof(float));
+        if (n) memcpy(dst, src, n * sizeof(float));
         return;
     }
     /* memcpy per element: the data need not be 2-byte aligned. */
