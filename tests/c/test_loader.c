@@ -603,6 +603,33 @@ static void check_init_tokenizer(const char *dir, int vocab_size) {
     cJSON_Delete(t);
 }
 
+/* The generated tokenizer through the engine's tokenizer: BOS first, common
+ * words as one token, and any UTF-8 back byte for byte. */
+static void check_init_round_trip(const char *dir, const fl_config *cfg) {
+    fl_tokenizer *tok = fl_tokenizer_load_dir(dir);
+    if (!tap_ok(tok != NULL, "init-model tokenizer loads%s", why(tok != NULL))) return;
+    const char *text = "Once upon a time, the little girl said: h\xc3\xa9llo \xe2\x80\x94 "
+                       "\xe6\x97\xa5\xe6\x9c\xac \xf0\x9f\x99\x82\n\tThe end.";
+    int32_t ids[256];
+    int n = fl_tokenize(tok, text, strlen(text), 1, 0, ids, 256);
+    int32_t the = fl_tokenizer_token_id(tok, "\xc4\xa0the"), little = fl_tokenizer_token_id(tok, "\xc4\xa0little");
+    int has_the = 0, has_little = 0;
+    for (int i = 0; i < n; i++) {
+        has_the |= ids[i] == the;
+        has_little |= ids[i] == little;
+    }
+    tap_ok(n > 1 && ids[0] == cfg->bos_id && fl_tokenizer_bos(tok) == cfg->bos_id &&
+               fl_tokenizer_eos(tok) == cfg->eos_ids[0] && fl_tokenizer_add_bos(tok),
+           "tokenizer BOS/EOS match config.json, BOS prepended");
+    tap_ok(the >= 256 && little >= 256 && has_the && has_little && n < (int)strlen(text) * 2 / 3,
+           "merges apply: ' the' and ' little' are single tokens (%d ids for %zu bytes)", n,
+           strlen(text));
+    char out[512];
+    int m = fl_detokenize(tok, ids, n, 1, out, sizeof out);
+    tap_ok(m == (int)strlen(text) && !memcmp(out, text, (size_t)m), "UTF-8 text round trips");
+    fl_tokenizer_free(tok);
+}
+
 static void test_init_model(void) {
     fl_init_model_params d = fl_init_model_default_params();
     tap_ok(d.seed == 42 && d.dim % d.n_heads == 0 && d.n_heads % d.n_kv_heads == 0 &&
@@ -659,6 +686,7 @@ static void test_init_model(void) {
     tap_ok(rc == 0 && fl_config_load(p, &cfg) == 0 && cfg.dim == d.dim && cfg.vocab_size == d.vocab_size,
            "init-model with default params (%.2f s CPU)", (double)(clock() - t0) / CLOCKS_PER_SEC);
     check_init_tokenizer(c, d.vocab_size);
+    check_init_round_trip(c, &cfg);
 
     ip.n_kv_heads = 3;
     tap_ok(fl_init_model(c, &ip) == -1 && strstr(fl_last_error(), "n_kv_heads 3"),
