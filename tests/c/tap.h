@@ -70,7 +70,7 @@ static const char *tap_tmpdir(const char *name) __attribute__((unused));
 static const char *tap_tmpdir(const char *name) {
     static char dir[4096];
     snprintf(dir, sizeof dir, "build/tmp/%s", name);
-    char cmd[4200];
+    char cmd[8300];
     snprintf(cmd, sizeof cmd, "rm -rf '%s' && mkdir -p '%s'", dir, dir);
     if (system(cmd) != 0) return NULL;
     return dir;
