@@ -28,8 +28,14 @@ int fl_error_prefix(const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(pre, sizeof pre, fmt, ap);
     va_end(ap);
-    int n = snprintf(err_buf, sizeof err_buf, "%s: %s", pre, old);
-    (void)n; /* a message over the buffer keeps its beginning, which names the context */
+    /* "pre: old", cut at the buffer's end (the beginning names the context) */
+    size_t lp = strlen(pre), lo = strlen(old);
+    if (lp > sizeof err_buf - 3) lp = sizeof err_buf - 3;
+    if (lo > sizeof err_buf - 3 - lp) lo = sizeof err_buf - 3 - lp;
+    memcpy(err_buf, pre, lp);
+    memcpy(err_buf + lp, ": ", 2);
+    memcpy(err_buf + lp + 2, old, lo);
+    err_buf[lp + 2 + lo] = 0;
     return -1;
 }
 
