@@ -240,10 +240,8 @@ static int read_features(const char *path, const cJSON *root, fl_config *c) {
         get_bool(path, root, "mlp_bias", 0, &mlp_bias) ||
         get_bool(path, root, "use_sliding_window", 0, &sliding))
         return -1;
-    c->qkv_bias = c->arch == FL_ARCH_QWEN2;
-    /* LLaMA's attention_bias also biases o_proj, which the forward does not carry. */
-    if (attention_bias && c->arch == FL_ARCH_LLAMA)
-        return fl_error("%s: field 'attention_bias' true is not supported for llama", path);
+    c->qkv_bias = c->arch == FL_ARCH_QWEN2 || attention_bias;
+    c->o_bias = c->arch == FL_ARCH_LLAMA && attention_bias; /* Qwen2's o_proj has none */
     if (mlp_bias) return fl_error("%s: field 'mlp_bias' true is not supported", path);
     if (sliding) return fl_error("%s: field 'use_sliding_window' true is not supported", path);
     const cJSON *act = field(root, "hidden_act");

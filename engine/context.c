@@ -210,7 +210,7 @@ static void layer_forward(fl_context *ctx, int l, const fl_batch *b) {
     fl_cpu_kv_store(&kv, s->k, s->v, s->page_tables, b->pos, T);
     fl_cpu_attention_forward(s->att, NULL, s->q, &kv, s->page_tables, b->pos, T, c->n_heads,
                              c->n_kv_heads, c->head_dim);
-    fl_cpu_matmul(s->proj, s->att, L->wo, NULL, T, m->q_dim, c->dim);
+    fl_cpu_matmul(s->proj, s->att, L->wo, L->bo, T, m->q_dim, c->dim);
     fl_cpu_add_inplace(s->x, s->proj, T * c->dim);
 
     fl_cpu_rmsnorm_forward(s->xb, s->x, L->ffn_norm, T, c->dim, c->norm_eps);

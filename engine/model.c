@@ -86,6 +86,9 @@ static int load_layers(fl_model *m) {
         T2(wk, "self_attn.k_proj.weight", m->kv_dim, c->dim);
         T2(wv, "self_attn.v_proj.weight", m->kv_dim, c->dim);
         T2(wo, "self_attn.o_proj.weight", c->dim, m->q_dim);
+        if (c->o_bias) {
+            T1(bo, "self_attn.o_proj.bias", c->dim);
+        }
         if (c->qkv_bias) {
             T1(bq, "self_attn.q_proj.bias", m->q_dim);
             T1(bk, "self_attn.k_proj.bias", m->kv_dim);
@@ -103,7 +106,7 @@ static int load_layers(fl_model *m) {
 
 static int load_weights(fl_model *m) {
     const fl_config *c = &m->cfg;
-    int max_tensors = 3 + c->n_layers * 12;
+    int max_tensors = 3 + c->n_layers * 13;
     m->owned = fl_calloc((size_t)max_tensors, sizeof(float *));
     m->layers = fl_calloc((size_t)c->n_layers, sizeof(fl_layer_weights));
     m->inv_freq = fl_calloc((size_t)c->head_dim / 2, sizeof(float));

@@ -9,7 +9,8 @@
 typedef struct {
     const float *attn_norm;                   /* [dim] */
     const float *wq, *wk, *wv, *wo;           /* [q_dim,dim] [kv_dim,dim] [kv_dim,dim] [dim,q_dim] */
-    const float *bq, *bk, *bv;                /* [q_dim] [kv_dim] [kv_dim], Qwen2 only */
+    const float *bq, *bk, *bv;                /* [q_dim] [kv_dim] [kv_dim], or NULL */
+    const float *bo;                          /* [dim], or NULL */
     const float *ffn_norm;                    /* [dim] */
     const float *w_gate, *w_up, *w_down;      /* [hidden,dim] [hidden,dim] [dim,hidden] */
 } fl_layer_weights;

@@ -1,8 +1,9 @@
 #!/bin/sh
 # Installs the Debian packages flexllm builds and tests with, when any is missing.
+# lua5.1 makes Debian's luarocks (run by lua-any) default to Lua 5.1, the ABI of LuaJIT.
 set -u
 PKGS="build-essential luajit libluajit-5.1-dev libev-dev lua-cjson libcjson-dev \
-libopenblas-openmp-dev libpcre2-dev libutf8proc-dev libhttp-parser-dev lua-busted luarocks"
+libopenblas-openmp-dev libpcre2-dev libutf8proc-dev libhttp-parser-dev lua-busted luarocks lua5.1"
 
 missing=""
 for p in $PKGS; do

@@ -38,7 +38,8 @@ typedef struct {
     float norm_eps;
     float rope_theta;
     int tie_embeddings; /* lm_head is embed_tokens */
-    int qkv_bias;       /* q/k/v projections carry a bias (Qwen2) */
+    int qkv_bias;       /* q/k/v projections carry a bias (Qwen2, LLaMA attention_bias) */
+    int o_bias;         /* o_proj carries a bias (LLaMA attention_bias) */
     fl_rope_scaling rope_scaling;
     float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
     int rope_original_max_pos;

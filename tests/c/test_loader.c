@@ -146,14 +146,12 @@ static void test_config_errors(void) {
     const char *p = tmp_path("config.json");
     write_text(p, "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 172, "
                   "\"num_hidden_layers\": 2, \"num_attention_heads\": 8, \"vocab_size\": 512, "
-                  "\"rope_scaling\": null, \"eos_token_id\": 2}");
+                  "\"attention_bias\": true, \"rope_scaling\": null, \"eos_token_id\": 2}");
     int ok = fl_config_load(p, &c) == 0;
     tap_ok(ok && c.n_kv_heads == 8 && c.head_dim == 8 && c.rope_theta == 10000.0f &&
-               !c.tie_embeddings && !c.qkv_bias && c.bos_id == -1 && c.n_eos == 1 &&
+               !c.tie_embeddings && c.qkv_bias && c.o_bias && c.bos_id == -1 && c.n_eos == 1 &&
                c.eos_ids[0] == 2 && c.rope_scaling == FL_ROPE_SCALING_NONE,
-           "config defaults%s", why(ok));
-    config_fails("{\"model_type\": \"llama\", " GOOD_FIELDS ", \"attention_bias\": true}",
-                 "field 'attention_bias' true is not supported for llama", "llama attention_bias");
+           "config defaults, and llama attention_bias biases q/k/v/o%s", why(ok));
 }
 
 /* ----------------------------------------------------------- stories260K */
