@@ -10,6 +10,7 @@
 
 #define NO_TEXT UINT32_MAX
 #define MAX_VOCAB (1 << 24)
+#define MAX_MERGED (1 << 16) /* bytes of a merged token */
 
 /* ------------------------------------------------------------ hash tables */
 
@@ -216,7 +217,6 @@ static int size_tables(fl_tokenizer *t, const cJSON *vocab, const cJSON *added, 
     if (max_id < 0) return fl_error("%s: model.vocab is empty", path);
     if (bytes >= NO_TEXT) return fl_error("%s: the vocabulary's strings are too large", path);
     t->n_vocab = max_id + 1;
-    t->arena_cap = bytes;
     t->arena = fl_malloc(bytes);
     t->text_off = fl_malloc(sizeof *t->text_off * (size_t)t->n_vocab);
     t->text_len = fl_calloc((size_t)t->n_vocab, sizeof *t->text_len);
@@ -316,40 +316,35 @@ static int merge_halves(const cJSON *m, const char **a, size_t *na, const char *
     return 0;
 }
 
+/* One merge: both halves and their concatenation must be model tokens. */
+static int load_merge(fl_tokenizer *t, const cJSON *m, int rank, char *cat, const char *path) {
+    const char *a, *b;
+    size_t na, nb;
+    if (merge_halves(m, &a, &na, &b, &nb) || na == 0 || nb == 0 || na + nb > MAX_MERGED)
+        return fl_error("%s: merge %d is neither \"a b\" nor [\"a\", \"b\"]", path, rank);
+    int32_t left = fl_tok_model_id(t, a, na), right = fl_tok_model_id(t, b, nb);
+    if (left < 0 || right < 0) {
+        const char *bad = left < 0 ? a : b;
+        size_t n = left < 0 ? na : nb;
+        return fl_error("%s: merge %d names unknown token '%.*s'", path, rank, (int)(n > 64 ? 64 : n), bad);
+    }
+    memcpy(cat, a, na);
+    memcpy(cat + na, b, nb);
+    int32_t merged = fl_tok_model_id(t, cat, na + nb);
+    if (merged < 0)
+        return fl_error("%s: merge %d makes '%.*s', which is not in the vocab", path, rank,
+                        (int)(na + nb > 64 ? 64 : na + nb), cat);
+    merge_insert(t, left, right, rank, merged);
+    return 0;
+}
+
 static int load_merges(fl_tokenizer *t, const cJSON *merges, const char *path) {
-    int n = cJSON_GetArraySize(merges), rank = 0;
-    t->merge_mask = table_size((size_t)n) - 1;
+    t->merge_mask = table_size((size_t)cJSON_GetArraySize(merges)) - 1;
     t->merges = fl_malloc(sizeof *t->merges * ((size_t)t->merge_mask + 1));
-    char *cat = fl_malloc(2 * 65536);
-    if (!t->merges || !cat) {
-        free(cat);
-        return -1;
-    }
-    memset(t->merges, 0xff, sizeof *t->merges * ((size_t)t->merge_mask + 1));
-    int rc = 0;
-    for (const cJSON *m = merges->child; m && !rc; m = m->next, rank++) {
-        const char *a, *b;
-        size_t na, nb;
-        if (merge_halves(m, &a, &na, &b, &nb) || na == 0 || nb == 0 || na + nb >= 2 * 65536) {
-            rc = fl_error("%s: merge %d is neither \"a b\" nor [\"a\", \"b\"]", path, rank);
-            break;
-        }
-        int32_t left = fl_tok_model_id(t, a, na), right = fl_tok_model_id(t, b, nb);
-        if (left < 0 || right < 0) {
-            rc = left < 0 ? fl_error("%s: merge %d names unknown token '%.*s'", path, rank, (int)(na > 64 ? 64 : na), a)
-                          : fl_error("%s: merge %d names unknown token '%.*s'", path, rank, (int)(nb > 64 ? 64 : nb), b);
-            break;
-        }
-        memcpy(cat, a, na);
-        memcpy(cat + na, b, nb);
-        int32_t merged = fl_tok_model_id(t, cat, na + nb);
-        if (merged < 0) {
-            rc = fl_error("%s: merge %d makes '%.*s', which is not in the vocab", path, rank,
-                          (int)(na + nb > 64 ? 64 : na + nb), cat);
-            break;
-        }
-        merge_insert(t, left, right, rank, merged);
-    }
+    char *cat = fl_malloc(MAX_MERGED);
+    int rc = t->merges && cat ? 0 : -1, rank = 0;
+    if (t->merges) memset(t->merges, 0xff, sizeof *t->merges * ((size_t)t->merge_mask + 1));
+    for (const cJSON *m = merges->child; m && !rc; m = m->next) rc = load_merge(t, m, rank++, cat, path);
     free(cat);
     return rc;
 }

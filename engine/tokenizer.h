@@ -44,7 +44,7 @@ typedef struct {
 struct fl_tokenizer {
     int n_vocab;           /* highest id + 1 over the model vocab and added tokens */
     char *arena;           /* every token string, NUL-terminated */
-    size_t arena_len, arena_cap;
+    size_t arena_len;
     uint32_t *text_off;    /* [n_vocab] offset in arena (UINT32_MAX: no token has this id) */
     int32_t *text_len;
     uint8_t *attr;         /* TOK_* bits */
