@@ -856,7 +856,7 @@ static int feed_utf8(fl_detok_state *st, const uint8_t *src, int n, int flush, c
     int np = st->n_pending, total = np + n, i = 0, w = 0;
     memcpy(pend, st->pending, (size_t)np);
     while (i < total) {
-        uint8_t c[4];
+        uint8_t c[4] = {0}; /* zeroed only to quiet -Wmaybe-uninitialized */
         int k = 0;
         for (; k < 4 && i + k < total; k++) c[k] = i + k < np ? pend[i + k] : src[i + k - np];
         int len = fl_tok_utf8_seq(c, (size_t)k);
