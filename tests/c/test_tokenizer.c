@@ -239,6 +239,36 @@ static void test_llama3_vectors(const fl_tokenizer *tok) {
     free(out);
 }
 
+/* LLaMA-3.1's config.json lists three EOS ids: each one ends generation. */
+static void test_llama31_eos(const char *tok_dir) {
+    const char *cfg = tap_shared("models/configs/llama-3.1-8b/config.json");
+    const char *dir = tap_tmpdir("tokenizer_llama31");
+    if (!cfg || !dir) {
+        tap_skip("llama3.1 EOS list: ../shared/models/configs/llama-3.1-8b not found");
+        return;
+    }
+    char src[4200], dst[4200];
+    size_t n;
+    char *json = read_all(cfg, &n);
+    snprintf(dst, sizeof dst, "%s/config.json", dir);
+    write_str(dst, json, n);
+    free(json);
+    const char *names[] = {"tokenizer.json", "tokenizer_config.json"};
+    for (int i = 0; i < 2; i++) {
+        snprintf(src, sizeof src, "%s/%s", tok_dir, names[i]);
+        snprintf(dst, sizeof dst, "%s/%s", dir, names[i]);
+        json = read_all(src, &n);
+        write_str(dst, json, n);
+        free(json);
+    }
+    fl_tokenizer *tok = fl_tokenizer_load_dir(dir);
+    tap_ok(tok && fl_tokenizer_eos(tok) == 128001 && fl_tokenizer_is_eos(tok, 128001) &&
+               fl_tokenizer_is_eos(tok, 128008) && fl_tokenizer_is_eos(tok, 128009) && fl_tokenizer_bos(tok) == 128000,
+           "llama3.1: config.json's eos_token_id list [128001, 128008, 128009] are all EOS: %s",
+           tok ? "ok" : fl_last_error());
+    fl_tokenizer_free(tok);
+}
+
 static void test_llama3(void) {
     const char *path = tap_shared("tokenizers/llama3/tokenizer.json");
     if (!path) {
@@ -283,6 +313,7 @@ static void test_llama3(void) {
                fl_tokenizer_token_text(tok, 128256) == NULL && fl_tokenizer_token_text(tok, -1) == NULL,
            "llama3: is_special and token_text");
     fl_tokenizer_free(tok);
+    test_llama31_eos(dir);
 }
 
 /* --------------------------------------------------------------- Qwen2 */
