@@ -53,7 +53,7 @@ static int32_t *encode(const fl_tokenizer *tok, const char *s, size_t n, int bos
 
 static char *decode(const fl_tokenizer *tok, const int32_t *ids, int n, int skip, int *len) {
     int need = fl_detokenize(tok, ids, n, skip, NULL, 0);
-    need = need < 0 ? -need : need;
+    need = need == INT32_MIN ? 0 : need < 0 ? -need : need;
     char *out = malloc((size_t)need + 1);
     *len = fl_detokenize(tok, ids, n, skip, out, need);
     out[*len > 0 ? *len : 0] = 0;
