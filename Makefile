@@ -65,9 +65,10 @@ build/asan/libflexllm.a: $(ASAN_OBJ)
 	rm -f $@ && ar rcs $@ $^
 
 # The Lua module resolves lua_* from the host interpreter, so it links no Lua library.
+# nodelete: Lua unloads C modules at exit while OpenMP worker threads still run its code.
 $(MODULE): $(LUA_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
-	$(CC) -shared -o $@ $(LUA_OBJ) $(LIB) $(LIBS)
+	$(CC) -shared -Wl,-z,nodelete -o $@ $(LUA_OBJ) $(LIB) $(LIBS)
 
 build/tests/%: tests/c/%.c tests/c/tap.h $(LIB)
 	@mkdir -p $(dir $@)
