@@ -359,9 +359,6 @@ CASES = [
 
 # Configs an engine may refuse outright (with a message naming this field) instead of
 # running them; what it must never do is load them and give other logits.
-MAY_REFUSE = {"llama_attention_bias": "attention_bias"}
-
-
 def build_case(outdir, name, cfg, dtype, shards, n_prompt, seed):
     folder = os.path.join(outdir, name)
     os.makedirs(folder, exist_ok=True)
@@ -397,8 +394,6 @@ def build_case(outdir, name, cfg, dtype, shards, n_prompt, seed):
     info = {"name": name, "dtype": dtype, "shards": shards, "positions": n_prompt,
             "max_abs_logit": float(np.abs(logits).max()),
             "bands": None if band is None else band.tolist()}
-    if name in MAY_REFUSE:
-        info["may_refuse"] = MAY_REFUSE[name]
     print("%-30s %-4s shards=%d T=%d max|logit|=%.3f%s" % (
         name, dtype, shards, n_prompt, info["max_abs_logit"],
         "" if band is None else " bands=" + ",".join(band.tolist())))
