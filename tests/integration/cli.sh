@@ -1,5 +1,5 @@
 # The flexllm command: generate, tokenize, init-model, and its errors.
-. tests/integration/tap.sh
+. tests/integration/tap.bash
 FL=bin/flexllm
 
 # Greedy ids from BOS through the CLI equal llama2.c's.

@@ -1,5 +1,5 @@
 # `luarocks make` installs a working module and flexllm command into a fresh tree.
-. tests/integration/tap.sh
+. tests/integration/tap.bash
 T=$TMP/tree
 if ! command -v luarocks >/dev/null; then tap_skip "luarocks is not installed"; tap_done; exit; fi
 if luarocks make --tree "$T" --deps-mode=none LUA_INCDIR=/usr/include/luajit-2.1 flexllm-scm-1.rockspec >"$TMP/log" 2>&1; then
