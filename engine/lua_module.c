@@ -7,6 +7,7 @@
 #include <lua.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define MODEL_MT "flexllm.model"
 #define TOK_MT "flexllm.tokenizer"
@@ -441,6 +442,14 @@ static int l_init_model(lua_State *L) {
     return 1;
 }
 
+/* Monotonic wall-clock seconds, for timing from Lua. */
+static int l_now(lua_State *L) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    lua_pushnumber(L, (double)ts.tv_sec + ts.tv_nsec * 1e-9);
+    return 1;
+}
+
 static void def_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc) {
     luaL_newmetatable(L, name);
     lua_newtable(L);
@@ -467,7 +476,8 @@ int luaopen_flexllm_core(lua_State *L) {
                                      {"active", l_gen_active}, {NULL, NULL}};
     static const luaL_Reg funcs[] = {{"load_model", l_load_model},
                                      {"load_tokenizer", l_load_tokenizer},
-                                     {"init_model", l_init_model}, {NULL, NULL}};
+                                     {"init_model", l_init_model}, {"now", l_now},
+                                     {NULL, NULL}};
     def_class(L, MODEL_MT, model_m, l_model_gc);
     def_class(L, TOK_MT, tok_m, l_tok_gc);
     def_class(L, CTX_MT, ctx_m, l_ctx_gc);

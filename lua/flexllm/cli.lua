@@ -182,14 +182,16 @@ commands.demo = {
                     "Tom and Lily", "One day, a bird", "The sun was", "A big red ball" }
     local prompts = {}
     for i = 1, n do prompts[i] = seeds[(i - 1) % #seeds + 1] end
-    local t0 = os.clock()
+    if not o.model then print("(the default model has random weights, so its text is noise; try "
+      .. "--model ../shared/models/stories260K)") end
+    local t0 = flexllm().now()
     local res, err = model:generate(prompts, { max_tokens = o.max_tokens or 48, temperature = 0.8,
                                                seed = 1, ignore_eos = true },
       function(i, ev) if i == 1 then io.stdout:write(ev.text) io.stdout:flush() end end)
     if not res then die(err) end
-    local dt, toks = os.clock() - t0, 0
+    local dt, toks = flexllm().now() - t0, 0
     for _, r in ipairs(res) do toks = toks + #r.ids end
-    print(("\n\n%d requests in one batch, %d tokens generated, %.0f tokens/s (CPU time)")
+    print(("\n\n%d requests in one batch, %d tokens generated, %.0f tokens/s")
       :format(n, toks, toks / math.max(dt, 1e-9)))
   end,
 }

@@ -20,6 +20,9 @@ M.load_tokenizer = core.load_tokenizer
 -- Writes a seeded random LLaMA with a byte-level tokenizer to dir.
 M.init_model = core.init_model
 
+-- Monotonic wall-clock seconds.
+M.now = core.now
+
 function Model:config() return self.handle:config() end
 
 -- opts: bos (default: the tokenizer's add_bos_token), special (match special tokens, default true)
