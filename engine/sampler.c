@@ -23,9 +23,16 @@ fl_sampling_params fl_sampling_default_params(void) {
 
 fl_sampler *fl_sampler_new(const fl_sampling_params *params, int n_vocab) {
     fl_sampling_params p = params ? *params : fl_sampling_default_params();
-    if (!(p.temperature >= 0.0f) || p.top_k < 0 || !(p.top_p > 0.0f && p.top_p <= 1.0f)) {
-        fl_error("sampling: temperature %g must be >= 0, top_k %d >= 0, top_p %g in (0, 1]",
-                 (double)p.temperature, p.top_k, (double)p.top_p);
+    if (!(p.temperature >= 0.0f)) {
+        fl_error("sampling: temperature %g must be >= 0", (double)p.temperature);
+        return NULL;
+    }
+    if (p.top_k < 0) {
+        fl_error("sampling: top_k %d must be >= 0", p.top_k);
+        return NULL;
+    }
+    if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) {
+        fl_error("sampling: top_p %g must be in (0, 1]", (double)p.top_p);
         return NULL;
     }
     fl_sampler *s = fl_calloc(1, sizeof *s);
