@@ -87,6 +87,102 @@ static void test_greedy_generator(fl_model *m, const int32_t *expect, int n_expe
     fl_context_free(ctx);
 }
 
+typedef struct {
+    char text[4096];
+    int text_len;
+    int32_t ids[256];
+    int n_ids;
+    fl_finish finish;
+} run_result;
+
+/* Runs n requests (prompt i = prompts[i], n_prompt[i] tokens) to completion in ctx. */
+static int run_requests(fl_context *ctx, const int32_t *const *prompts, const int *n_prompt, int n,
+                        const fl_request_params *rp, run_result *out) {
+    fl_generator_params gp = fl_generator_default_params();
+    gp.prefill_chunk = 8;
+    fl_generator *g = fl_generator_new(ctx, &gp);
+    int ids[16];
+    memset(out, 0, sizeof(run_result) * n);
+    for (int i = 0; i < n; i++) ids[i] = fl_generator_add(g, prompts[i], n_prompt[i], rp);
+    int steps = 0, rc = 0;
+    while (fl_generator_active(g) > 0 && steps++ < 5000 && rc == 0) {
+        const fl_gen_event *ev;
+        int ne = fl_generator_step(g, &ev);
+        if (ne < 0) rc = -1;
+        for (int e = 0; e < ne; e++) {
+            int i = 0;
+            while (ids[i] != ev[e].request) i++;
+            run_result *r = &out[i];
+            memcpy(r->text + r->text_len, ev[e].text, ev[e].text_len);
+            r->text_len += ev[e].text_len;
+            if (ev[e].token >= 0 && r->n_ids < 256) r->ids[r->n_ids++] = ev[e].token;
+            if (ev[e].finish) r->finish = ev[e].finish;
+        }
+    }
+    fl_generator_free(g);
+    return rc;
+}
+
+/* A stop string that spans tokens ends the text before it, and the streamed pieces
+ * never held text that the stop later took back. */
+static void test_stop_strings(fl_model *m) {
+    fl_context *ctx = fl_context_new(m, NULL);
+    int32_t bos = 1;
+    const int32_t *prompts[] = {&bos};
+    int n_prompt[] = {1};
+    fl_request_params rp = fl_request_default_params();
+    rp.max_tokens = 60;
+    rp.ignore_eos = 1;
+    run_result full, stopped;
+    run_requests(ctx, prompts, n_prompt, 1, &rp, &full);
+    full.text[full.text_len] = 0;
+    const char *stops[] = {"zebra", "little girl"};
+    rp.stop = stops;
+    rp.n_stop = 2;
+    run_requests(ctx, prompts, n_prompt, 1, &rp, &stopped);
+    const char *hit = strstr(full.text, "little girl");
+    int want_len = hit ? (int)(hit - full.text) : -1;
+    tap_ok(hit && stopped.finish == FL_FINISH_STOP && stopped.text_len == want_len &&
+               memcmp(stopped.text, full.text, want_len) == 0,
+           "stop string \"little girl\" ends the streamed text just before it (%d bytes: \"%.*s\")",
+           stopped.text_len, stopped.text_len, stopped.text);
+    tap_ok(full.finish == FL_FINISH_LENGTH && full.n_ids == 60,
+           "without a stop string it runs to max_tokens (%d ids)", full.n_ids);
+    fl_context_free(ctx);
+}
+
+/* A pool too small for all requests at once: they wait for pages, pages are reused,
+ * and every request gets the output it gets with a large pool. */
+static void test_page_reuse(fl_model *m) {
+    enum { N = 8 };
+    int32_t store[N][12];
+    const int32_t *prompts[N];
+    int n_prompt[N];
+    for (int i = 0; i < N; i++) {
+        n_prompt[i] = 4 + i;
+        for (int j = 0; j < n_prompt[i]; j++) store[i][j] = 3 + (i * 31 + j * 7) % 250;
+        prompts[i] = store[i];
+    }
+    fl_request_params rp = fl_request_default_params();
+    rp.max_tokens = 30;
+    rp.ignore_eos = 1;
+    static run_result big[N], small[N];
+    fl_context *ctx = fl_context_new(m, NULL);
+    run_requests(ctx, prompts, n_prompt, N, &rp, big);
+    fl_context_free(ctx);
+    fl_context_params cp = fl_context_default_params();
+    cp.kv_pages = 6; /* each request needs 3 pages: two at a time */
+    ctx = fl_context_new(m, &cp);
+    int rc = run_requests(ctx, prompts, n_prompt, N, &rp, small);
+    int same = rc == 0;
+    for (int i = 0; i < N; i++)
+        same &= small[i].n_ids == 30 && memcmp(small[i].ids, big[i].ids, sizeof(int32_t) * 30) == 0;
+    tap_ok(same, "%d requests through a 6-page pool (2 at a time) give the outputs of a large pool",
+           N);
+    tap_ok(fl_kv_pages_free(ctx) == 6, "all 6 pages are free again afterwards");
+    fl_context_free(ctx);
+}
+
 /* Logits of every position of seq A, computed alone in one prefill. */
 static float *logits_alone(fl_model *m, const int32_t *toks, int n) {
     int vocab = fl_model_config(m)->vocab_size;
@@ -195,6 +291,7 @@ int main(void) {
             test_greedy_forward(m, expect, n);
             test_greedy_generator(m, expect, n);
             test_batch_invariance(m, "stories260K");
+            test_stop_strings(m);
             fl_model_free(m);
         }
     }
@@ -205,6 +302,7 @@ int main(void) {
         fl_model *m = fl_model_load(tmp, NULL);
         if (tap_ok(m != NULL, "the init-model model loads (%s)", m ? "" : fl_last_error())) {
             test_batch_invariance(m, "init-model default");
+            test_page_reuse(m);
             fl_model_free(m);
         }
     }
