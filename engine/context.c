@@ -202,22 +202,22 @@ static void layer_forward(fl_context *ctx, int l, const fl_batch *b) {
     fl_kv_layer kv = fl_context_kv_layer(ctx, l);
 
     fl_cpu_rmsnorm_forward(s->xb, s->x, L->attn_norm, T, c->dim, c->norm_eps);
-    fl_cpu_matmul(s->q, s->xb, L->wq, L->bq, T, c->dim, m->q_dim);
-    fl_cpu_matmul(s->k, s->xb, L->wk, L->bk, T, c->dim, m->kv_dim);
-    fl_cpu_matmul(s->v, s->xb, L->wv, L->bv, T, c->dim, m->kv_dim);
+    fl_model_linear(m, s->q, s->xb, &L->wq, L->bq, T, c->dim, m->q_dim);
+    fl_model_linear(m, s->k, s->xb, &L->wk, L->bk, T, c->dim, m->kv_dim);
+    fl_model_linear(m, s->v, s->xb, &L->wv, L->bv, T, c->dim, m->kv_dim);
     fl_cpu_rope_forward(s->q, b->pos, m->inv_freq, T, c->n_heads, c->head_dim);
     fl_cpu_rope_forward(s->k, b->pos, m->inv_freq, T, c->n_kv_heads, c->head_dim);
     fl_cpu_kv_store(&kv, s->k, s->v, s->page_tables, b->pos, T);
     fl_cpu_attention_forward(s->att, NULL, s->q, &kv, s->page_tables, b->pos, T, c->n_heads,
                              c->n_kv_heads, c->head_dim);
-    fl_cpu_matmul(s->proj, s->att, L->wo, L->bo, T, m->q_dim, c->dim);
+    fl_model_linear(m, s->proj, s->att, &L->wo, L->bo, T, m->q_dim, c->dim);
     fl_cpu_add_inplace(s->x, s->proj, T * c->dim);
 
     fl_cpu_rmsnorm_forward(s->xb, s->x, L->ffn_norm, T, c->dim, c->norm_eps);
-    fl_cpu_matmul(s->gate, s->xb, L->w_gate, NULL, T, c->dim, c->hidden_dim);
-    fl_cpu_matmul(s->up, s->xb, L->w_up, NULL, T, c->dim, c->hidden_dim);
+    fl_model_linear(m, s->gate, s->xb, &L->w_gate, NULL, T, c->dim, c->hidden_dim);
+    fl_model_linear(m, s->up, s->xb, &L->w_up, NULL, T, c->dim, c->hidden_dim);
     fl_cpu_swiglu_forward(s->gate, s->gate, s->up, T * c->hidden_dim);
-    fl_cpu_matmul(s->proj, s->gate, L->w_down, NULL, T, c->hidden_dim, c->dim);
+    fl_model_linear(m, s->proj, s->gate, &L->w_down, NULL, T, c->hidden_dim, c->dim);
     fl_cpu_add_inplace(s->x, s->proj, T * c->dim);
 }
 
@@ -250,6 +250,7 @@ int fl_forward(fl_context *ctx, const fl_batch *b, float *logits) {
                                m->final_norm, 1, c->dim, c->norm_eps);
         n_out++;
     }
-    if (n_out > 0) fl_cpu_matmul(logits, s->out_rows, m->lm_head, NULL, n_out, c->dim, c->vocab_size);
+    if (n_out > 0)
+        fl_model_linear(m, logits, s->out_rows, &m->lm_head, NULL, n_out, c->dim, c->vocab_size);
     return n_out;
 }

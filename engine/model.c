@@ -10,8 +10,45 @@
 #include <string.h>
 
 fl_model_params fl_model_default_params(void) {
-    fl_model_params p = {.n_threads = 2};
+    fl_model_params p = {.n_threads = 2, .gemm = FL_GEMM_PACKED};
     return p;
+}
+
+void fl_model_linear(const fl_model *m, float *y, const float *x, const fl_linear *lin,
+                     const float *bias, int n, int in, int out) {
+    if (m->gemm == FL_GEMM_PACKED) fl_cpu_matmul_packed(y, x, &lin->packed, bias, n);
+    else fl_cpu_matmul(y, x, lin->w, bias, n, in, out);
+}
+
+static int pack(fl_linear *lin, int out, int in) {
+    if (fl_cpu_pack(&lin->packed, lin->w, out, in) != 0)
+        return fl_error("out of memory packing a [%d, %d] weight", out, in);
+    return 0;
+}
+
+/* Packs every linear layer for the packed GEMM (the weights as stored stay for
+ * other uses, mmapped when they came as aligned F32). */
+static int pack_weights(fl_model *m) {
+    const fl_config *c = &m->cfg;
+    for (int l = 0; l < c->n_layers; l++) {
+        fl_layer_weights *L = &m->layers[l];
+        if (pack(&L->wq, m->q_dim, c->dim) || pack(&L->wk, m->kv_dim, c->dim) ||
+            pack(&L->wv, m->kv_dim, c->dim) || pack(&L->wo, c->dim, m->q_dim) ||
+            pack(&L->w_gate, c->hidden_dim, c->dim) || pack(&L->w_up, c->hidden_dim, c->dim) ||
+            pack(&L->w_down, c->dim, c->hidden_dim))
+            return -1;
+    }
+    return pack(&m->lm_head, c->vocab_size, c->dim);
+}
+
+static void free_packed(fl_model *m) {
+    if (m->layers)
+        for (int l = 0; l < m->cfg.n_layers; l++) {
+            fl_layer_weights *L = &m->layers[l];
+            fl_linear *all[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+            for (int i = 0; i < 7; i++) fl_cpu_packed_free(&all[i]->packed);
+        }
+    fl_cpu_packed_free(&m->lm_head.packed);
 }
 
 /* Finds a tensor, checks its shape, and returns fp32 data: the mmapped bytes when
@@ -82,10 +119,10 @@ static int load_layers(fl_model *m) {
     for (int l = 0; l < c->n_layers; l++) {
         fl_layer_weights *L = &m->layers[l];
         T1(attn_norm, "input_layernorm.weight", c->dim);
-        T2(wq, "self_attn.q_proj.weight", m->q_dim, c->dim);
-        T2(wk, "self_attn.k_proj.weight", m->kv_dim, c->dim);
-        T2(wv, "self_attn.v_proj.weight", m->kv_dim, c->dim);
-        T2(wo, "self_attn.o_proj.weight", c->dim, m->q_dim);
+        T2(wq.w, "self_attn.q_proj.weight", m->q_dim, c->dim);
+        T2(wk.w, "self_attn.k_proj.weight", m->kv_dim, c->dim);
+        T2(wv.w, "self_attn.v_proj.weight", m->kv_dim, c->dim);
+        T2(wo.w, "self_attn.o_proj.weight", c->dim, m->q_dim);
         if (c->o_bias) {
             T1(bo, "self_attn.o_proj.bias", c->dim);
         }
@@ -95,9 +132,9 @@ static int load_layers(fl_model *m) {
             T1(bv, "self_attn.v_proj.bias", m->kv_dim);
         }
         T1(ffn_norm, "post_attention_layernorm.weight", c->dim);
-        T2(w_gate, "mlp.gate_proj.weight", c->hidden_dim, c->dim);
-        T2(w_up, "mlp.up_proj.weight", c->hidden_dim, c->dim);
-        T2(w_down, "mlp.down_proj.weight", c->dim, c->hidden_dim);
+        T2(w_gate.w, "mlp.gate_proj.weight", c->hidden_dim, c->dim);
+        T2(w_up.w, "mlp.up_proj.weight", c->hidden_dim, c->dim);
+        T2(w_down.w, "mlp.down_proj.weight", c->dim, c->hidden_dim);
     }
 #undef T1
 #undef T2
@@ -116,8 +153,8 @@ static int load_weights(fl_model *m) {
     if (load_layers(m) != 0) return -1;
     if (!(m->final_norm = load_tensor(m, "model.norm.weight", 1, c->dim, 0))) return -1;
     if (c->tie_embeddings && !fl_st_find(m->st, "lm_head.weight")) {
-        m->lm_head = m->embed;
-    } else if (!(m->lm_head = load_tensor(m, "lm_head.weight", 2, c->vocab_size, c->dim))) {
+        m->lm_head.w = m->embed;
+    } else if (!(m->lm_head.w = load_tensor(m, "lm_head.weight", 2, c->vocab_size, c->dim))) {
         return -1;
     }
     init_inv_freq(m);
@@ -137,13 +174,20 @@ fl_model *fl_model_load(const char *dir, const fl_model_params *params) {
         fl_error("%s: head_dim %d must be even and at most 1024", path, m->cfg.head_dim);
         goto fail;
     }
+    if (m->cfg.n_heads > FL_ATTN_MAX_HEADS) {
+        fl_error("%s: num_attention_heads %d is more than the %d this engine supports", path,
+                 m->cfg.n_heads, FL_ATTN_MAX_HEADS);
+        goto fail;
+    }
     m->q_dim = m->cfg.n_heads * m->cfg.head_dim;
     m->kv_dim = m->cfg.n_kv_heads * m->cfg.head_dim;
     if (!(m->tok = fl_tokenizer_load_dir(dir))) goto fail;
     if (!(m->st = fl_st_open(dir))) goto fail;
-    if (load_weights(m) != 0) goto fail;
     openblas_set_num_threads(m->n_threads);
     omp_set_num_threads(m->n_threads);
+    m->gemm = p.gemm;
+    if (load_weights(m) != 0) goto fail;
+    if (m->gemm == FL_GEMM_PACKED && pack_weights(m) != 0) goto fail;
     return m;
 fail:
     fl_model_free(m);
@@ -152,6 +196,7 @@ fail:
 
 void fl_model_free(fl_model *m) {
     if (!m) return;
+    free_packed(m);
     for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
     free(m->owned);
     free(m->layers);

@@ -6,13 +6,20 @@
 #include "kernels.h"
 #include "safetensors.h"
 
+/* A linear layer's weight as stored [out, in], and packed when the model uses the
+ * packed GEMM. */
+typedef struct {
+    const float *w;
+    fl_packed_matrix packed;
+} fl_linear;
+
 typedef struct {
     const float *attn_norm;                   /* [dim] */
-    const float *wq, *wk, *wv, *wo;           /* [q_dim,dim] [kv_dim,dim] [kv_dim,dim] [dim,q_dim] */
+    fl_linear wq, wk, wv, wo;                 /* [q_dim,dim] [kv_dim,dim] [kv_dim,dim] [dim,q_dim] */
     const float *bq, *bk, *bv;                /* [q_dim] [kv_dim] [kv_dim], or NULL */
     const float *bo;                          /* [dim], or NULL */
     const float *ffn_norm;                    /* [dim] */
-    const float *w_gate, *w_up, *w_down;      /* [hidden,dim] [hidden,dim] [dim,hidden] */
+    fl_linear w_gate, w_up, w_down;           /* [hidden,dim] [hidden,dim] [dim,hidden] */
 } fl_layer_weights;
 
 struct fl_model {
@@ -23,13 +30,18 @@ struct fl_model {
     const float *embed;       /* [vocab, dim] */
     fl_layer_weights *layers; /* [n_layers] */
     const float *final_norm;  /* [dim] */
-    const float *lm_head;     /* [vocab, dim], == embed when tied */
+    fl_linear lm_head;        /* [vocab, dim], .w == embed when tied */
     float *inv_freq;          /* [head_dim/2], llama3 scaling applied */
     float **owned;            /* weight buffers converted from F16/BF16 or unaligned F32 */
     int n_owned;
     size_t n_params;
     int n_threads;
+    fl_gemm gemm;
 };
+
+/* y = x @ lin^T (+ bias) with the model's GEMM. */
+void fl_model_linear(const fl_model *m, float *y, const float *x, const fl_linear *lin,
+                     const float *bias, int n, int in, int out); /* y [n,out], x [n,in] */
 
 typedef struct {
     int live;

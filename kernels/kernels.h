@@ -5,6 +5,10 @@
 
 #include <stdint.h>
 
+#include "flexllm.h" /* FL_KV_PAGE_TOKENS */
+
+#define FL_ATTN_MAX_HEADS 256 /* checked when a model loads */
+
 /* One layer's slice of the paged KV pool. Token t of a sequence lives in page
  * page_table[t / page_tokens], row t % page_tokens. */
 typedef struct {
@@ -13,6 +17,20 @@ typedef struct {
     int page_tokens;
     int kv_dim;
 } fl_kv_layer;
+
+/* A weight matrix [out, in] packed for fl_cpu_matmul_packed: panels of FL_PANEL
+ * output rows, each stored k-major [in][FL_PANEL], zero-padded past out. */
+#define FL_PANEL 16
+typedef struct {
+    float *data; /* [panels, in, FL_PANEL], 64-byte aligned */
+    int out, in, panels;
+} fl_packed_matrix;
+
+int fl_cpu_pack(fl_packed_matrix *p, const float *w, int out, int in); /* w [out,in] */
+void fl_cpu_packed_free(fl_packed_matrix *p);
+/* y = x @ w^T (+ bias), batch-invariant: a row's result does not depend on n. */
+void fl_cpu_matmul_packed(float *y, const float *x, const fl_packed_matrix *w, const float *bias,
+                          int n); /* y [n,out], x [n,in], bias [out] or NULL */
 
 /* y = x @ w^T (+ bias). */
 void fl_cpu_matmul(float *y, const float *x, const float *w, const float *bias,

@@ -100,8 +100,14 @@ int fl_detokenize(const fl_tokenizer *tok, const int32_t *ids, int n, int skip_s
 
 typedef struct fl_model fl_model;
 
+typedef enum {
+    FL_GEMM_PACKED = 0,   /* weights packed once at load, batch-invariant kernel (default) */
+    FL_GEMM_OPENBLAS = 1, /* OpenBLAS sgemm on the weights as stored */
+} fl_gemm;
+
 typedef struct {
     int n_threads; /* CPU threads for GEMMs and kernels (default 2) */
+    fl_gemm gemm;
 } fl_model_params;
 
 fl_model_params fl_model_default_params(void);

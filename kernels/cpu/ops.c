@@ -5,6 +5,7 @@
 #include <cblas.h>
 #include <float.h>
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
 void fl_cpu_matmul(float *y, const float *x, const float *w, const float *bias, int n, int in,
@@ -66,32 +67,86 @@ void fl_cpu_kv_store(const fl_kv_layer *kv, const float *k, const float *v,
     }
 }
 
-/* One query head against positions 0..last: online softmax in one pass, so no
- * score buffer sized by the context is needed. */
-static float attend_one(float *out, const float *q, const fl_kv_layer *kv,
-                        const int32_t *page_table, int last, int kv_off, int head_dim,
-                        float scale) {
-    float m = -FLT_MAX, l = 0.0f;
-    for (int i = 0; i < head_dim; i++) out[i] = 0.0f;
-    for (int p = 0; p <= last; p++) {
-        size_t row = kv_row(kv, page_table, p) + kv_off;
-        const float *k = kv->k + row, *v = kv->v + row;
-        float s = 0.0f;
-        for (int i = 0; i < head_dim; i++) s += q[i] * k[i];
-        s *= scale;
-        if (s > m) {
-            float c = expf(m - s);
-            l *= c;
-            for (int i = 0; i < head_dim; i++) out[i] *= c;
-            m = s;
-        }
-        float e = expf(s - m);
-        l += e;
-        for (int i = 0; i < head_dim; i++) out[i] += e * v[i];
+static inline __attribute__((always_inline)) float dot(const float *a, const float *b, int n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* Heads [h0, h1) of one token against positions 0..last of its sequence. Positions go
+ * a page at a time: each K and V row is read once for all the heads, and the online
+ * softmax rescales once per page. Each head's arithmetic does not depend on which
+ * other heads share the call, so results do not depend on how work is split.
+ * Inlined with a constant head_dim for the common sizes (see attend_token). */
+static inline __attribute__((always_inline)) void
+attend_token_hd(float *out, float *lse, const float *q, const fl_kv_layer *kv,
+                const int32_t *page_table, int last, int h0, int h1, int group, int head_dim,
+                float scale) {
+    float score[FL_ATTN_MAX_HEADS * FL_KV_PAGE_TOKENS]; /* [head - h0, row in page] */
+    float m[FL_ATTN_MAX_HEADS], l[FL_ATTN_MAX_HEADS];
+    int P = kv->page_tokens, nh = h1 - h0;
+    for (int h = 0; h < nh; h++) {
+        m[h] = -FLT_MAX;
+        l[h] = 0.0f;
+        memset(out + (size_t)(h0 + h) * head_dim, 0, sizeof(float) * head_dim);
     }
-    float inv = 1.0f / l;
-    for (int i = 0; i < head_dim; i++) out[i] *= inv;
-    return m + logf(l);
+    for (int first = 0; first <= last; first += P) {
+        int rows = last + 1 - first < P ? last + 1 - first : P;
+        size_t base = (size_t)page_table[first / P] * P * kv->kv_dim;
+        for (int j = 0; j < rows; j++) {
+            const float *k = kv->k + base + (size_t)j * kv->kv_dim;
+            for (int h = 0; h < nh; h++)
+                score[h * P + j] = dot(q + (size_t)(h0 + h) * head_dim,
+                                       k + (size_t)((h0 + h) / group) * head_dim, head_dim) *
+                                   scale;
+        }
+        for (int h = 0; h < nh; h++) {
+            float *s = score + h * P, mx = m[h];
+            for (int j = 0; j < rows; j++) mx = s[j] > mx ? s[j] : mx;
+            float c = expf(m[h] - mx), sum = 0.0f;
+            for (int j = 0; j < rows; j++) sum += s[j] = expf(s[j] - mx);
+            l[h] = l[h] * c + sum;
+            m[h] = mx;
+            float *acc = out + (size_t)(h0 + h) * head_dim;
+            if (c != 1.0f)
+                for (int i = 0; i < head_dim; i++) acc[i] *= c;
+        }
+        for (int j = 0; j < rows; j++) {
+            const float *v = kv->v + base + (size_t)j * kv->kv_dim;
+            for (int h = 0; h < nh; h++) {
+                float e = score[h * P + j], *acc = out + (size_t)(h0 + h) * head_dim;
+                const float *vh = v + (size_t)((h0 + h) / group) * head_dim;
+#pragma omp simd
+                for (int i = 0; i < head_dim; i++) acc[i] += e * vh[i];
+            }
+        }
+    }
+    for (int h = 0; h < nh; h++) {
+        float inv = 1.0f / l[h], *acc = out + (size_t)(h0 + h) * head_dim;
+        for (int i = 0; i < head_dim; i++) acc[i] *= inv;
+        if (lse) lse[h0 + h] = m[h] + logf(l[h]);
+    }
+}
+
+static void attend_token(float *out, float *lse, const float *q, const fl_kv_layer *kv,
+                         const int32_t *page_table, int last, int h0, int h1, int group,
+                         int head_dim, float scale) {
+    switch (head_dim) {
+#define HD_CASE(D)                                                                        \
+    case D:                                                                               \
+        attend_token_hd(out, lse, q, kv, page_table, last, h0, h1, group, D, scale);       \
+        break;
+        HD_CASE(8)
+        HD_CASE(16)
+        HD_CASE(32)
+        HD_CASE(64)
+        HD_CASE(128)
+        HD_CASE(256)
+#undef HD_CASE
+    default:
+        attend_token_hd(out, lse, q, kv, page_table, last, h0, h1, group, head_dim, scale);
+    }
 }
 
 void fl_cpu_attention_forward(float *out, float *lse, const float *q, const fl_kv_layer *kv,
@@ -99,14 +154,22 @@ void fl_cpu_attention_forward(float *out, float *lse, const float *q, const fl_k
                               int n_heads, int n_kv_heads, int head_dim) {
     float scale = 1.0f / sqrtf((float)head_dim);
     int group = n_heads / n_kv_heads;
-    int total = n * n_heads;
-#pragma omp parallel for schedule(dynamic, 4) if (total > 8)
-    for (int th = 0; th < total; th++) {
-        int t = th / n_heads, h = th % n_heads;
-        size_t off = ((size_t)t * n_heads + h) * head_dim;
-        float m = attend_one(out + off, q + off, kv, page_tables[t], pos[t],
-                             (h / group) * head_dim, head_dim, scale);
-        if (lse) lse[th] = m;
+    /* Enough work items for every thread: whole tokens when there are many, else
+     * each token's heads split in parts. */
+    int threads = omp_get_max_threads();
+    int parts = n >= 2 * threads ? 1 : (2 * threads + n - 1) / n;
+    if (parts > n_heads) parts = n_heads;
+    int per = (n_heads + parts - 1) / parts;
+    int items = n * parts;
+    long work = 0; /* multiply-adds, to keep tiny calls out of the thread pool */
+    for (int t = 0; t < n; t++) work += (long)(pos[t] + 1) * n_heads * head_dim;
+#pragma omp parallel for schedule(dynamic, 1) if (items > 1 && work > 8192)
+    for (int it = 0; it < items; it++) {
+        int t = it / parts, h0 = (it % parts) * per, h1 = h0 + per < n_heads ? h0 + per : n_heads;
+        if (h0 >= h1) continue;
+        size_t off = (size_t)t * n_heads * head_dim;
+        attend_token(out + off, lse ? lse + (size_t)t * n_heads : NULL, q + off, kv,
+                     page_tables[t], pos[t], h0, h1, group, head_dim, scale);
     }
 }
 
