@@ -118,6 +118,14 @@ static int l_load_model(lua_State *L) {
     check_opts(L, 2);
     fl_model_params p = fl_model_default_params();
     p.n_threads = opt_int(L, 2, "threads", p.n_threads);
+    if (!lua_isnoneornil(L, 2)) {
+        lua_getfield(L, 2, "gemm");
+        const char *g = lua_tostring(L, -1);
+        if (g && strcmp(g, "openblas") == 0) p.gemm = FL_GEMM_OPENBLAS;
+        else if (g && strcmp(g, "packed") != 0)
+            return luaL_error(L, "option 'gemm' must be \"packed\" or \"openblas\", got \"%s\"", g);
+        lua_pop(L, 1);
+    }
     fl_model *m = fl_model_load(dir, &p);
     if (!m) return fail(L);
     new_handle(L, MODEL_MT, m, 1, 0);

@@ -59,8 +59,8 @@ local function need(opts, key, command)
   return opts[key]
 end
 
-local function load_model(dir, threads)
-  local model, err = flexllm().load(dir, { threads = threads })
+local function load_model(dir, threads, gemm)
+  local model, err = flexllm().load(dir, { threads = threads, gemm = gemm })
   if not model then die(err) end
   return model
 end
@@ -69,13 +69,15 @@ local commands = {}
 
 commands.generate = {
   usage = "generate --model DIR [--prompt TEXT] [--max-tokens N] [--temperature T] [--top-k K]\n"
-    .. "         [--top-p P] [--seed S] [--stop STR]... [--ignore-eos] [--no-bos] [--ids] [--threads N]",
+    .. "         [--top-p P] [--seed S] [--stop STR]... [--ignore-eos] [--no-bos] [--ids] [--threads N]\n"
+    .. "         [--gemm packed|openblas]",
   help = "stream a completion of TEXT to stdout (an empty prompt starts from BOS); --ids prints token ids",
   spec = { model = "string", prompt = "string", ["max-tokens"] = "number", temperature = "number",
            ["top-k"] = "number", ["top-p"] = "number", seed = "number", stop = "list",
-           ["ignore-eos"] = "flag", ["no-bos"] = "flag", ids = "flag", threads = "number" },
+           ["ignore-eos"] = "flag", ["no-bos"] = "flag", ids = "flag", threads = "number",
+           gemm = "string" },
   run = function(o)
-    local model = load_model(need(o, "model", "generate"), o.threads)
+    local model = load_model(need(o, "model", "generate"), o.threads, o.gemm)
     local first = true
     local res, err = model:generate(o.prompt or "", {
       max_tokens = o.max_tokens or 128, temperature = o.temperature or 0, top_k = o.top_k,
@@ -225,7 +227,11 @@ function M.main(args)
   local rest = {}
   for i = 2, #args do rest[#rest + 1] = args[i] end
   local opts, pos = parse(rest, cmd.spec, name)
-  cmd.run(opts, pos)
+  local ok, err = pcall(cmd.run, opts, pos)
+  if not ok then
+    io.stderr:write(("flexllm %s: %s\n"):format(name, tostring(err)))
+    return 1
+  end
   return 0
 end
 

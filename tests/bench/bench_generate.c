@@ -23,6 +23,7 @@ static int SEQ_CONFIGS[MAX_CONFIGS] = {1, 8, 32}, N_CONFIGS = 3;
 
 typedef struct {
     int prompt, decode, reps, threads, from_bos_steps, from_bos_reps, batched;
+    fl_gemm gemm;
     const char *llama2c_cmd, *llama2c_skip, *expect_path, *out_path, *commit;
 } options;
 
@@ -253,6 +254,7 @@ static void bench_batched(model_result *mr, const options *o, fl_context *ctx, i
 static void bench_model(model_result *mr, const options *o, int with_from_bos) {
     fl_model_params mp = fl_model_default_params();
     if (o->threads > 0) mp.n_threads = o->threads;
+    mp.gemm = o->gemm;
     double t0 = now_s();
     fl_model *m = fl_model_load(mr->dir, &mp);
     if (!m) die(mr->dir);
@@ -349,6 +351,7 @@ static void write_json(const options *o, model_result *mrs, int n_models) {
     cJSON_AddStringToObject(mach, "cpu", cpu);
     cJSON_AddNumberToObject(mach, "nproc", (double)sysconf(_SC_NPROCESSORS_ONLN));
     cJSON_AddNumberToObject(mach, "threads", o->threads > 0 ? o->threads : fl_model_default_params().n_threads);
+    cJSON_AddStringToObject(mach, "gemm", o->gemm == FL_GEMM_OPENBLAS ? "openblas" : "packed");
     const char *omp = getenv("OMP_NUM_THREADS");
     cJSON_AddStringToObject(mach, "OMP_NUM_THREADS", omp ? omp : "unset");
     cJSON_AddStringToObject(root, "date", date);
@@ -469,6 +472,7 @@ static void usage(void) {
             "  --seqs LIST         numbers of concurrent sequences (1,8,32)\n"
             "  --reps R            repetitions, median reported (3)\n"
             "  --threads N         engine threads (engine default)\n"
+            "  --gemm KIND         packed (default) or openblas\n"
             "  --from-bos NAME     run the single-sequence from-BOS comparison on model NAME\n"
             "  --from-bos-steps N  steps of it (256), --from-bos-reps N (9)\n"
             "  --llama2c CMD       shell command running run.c (prints 'achieved tok/s')\n"
@@ -506,6 +510,11 @@ int main(int argc, char **argv) {
                 if (SEQ_CONFIGS[k] < 1 || SEQ_CONFIGS[k] > MAX_SEQS) usage();
         } else if (!strcmp(a, "--reps") && has) o.reps = atoi(argv[++i]);
         else if (!strcmp(a, "--threads") && has) o.threads = atoi(argv[++i]);
+        else if (!strcmp(a, "--gemm") && has) {
+            const char *g = argv[++i];
+            if (!strcmp(g, "openblas")) o.gemm = FL_GEMM_OPENBLAS;
+            else if (strcmp(g, "packed") != 0) usage();
+        }
         else if (!strcmp(a, "--from-bos") && has) from_bos_name = argv[++i];
         else if (!strcmp(a, "--from-bos-steps") && has) o.from_bos_steps = atoi(argv[++i]);
         else if (!strcmp(a, "--from-bos-reps") && has) o.from_bos_reps = atoi(argv[++i]);

@@ -9,6 +9,9 @@ if [ -d "$SHARED/models/stories260K" ]; then
     want=$(tr -d '[],\n' < "$M/expected_greedy_from_bos_80.json" | tr -s ' ' | sed 's/^ //; s/ $//')
     if [ "$got" = "$want" ]; then tap_ok "flexllm generate --ids on stories260K gives llama2.c's 80 greedy ids"
     else tap_fail "flexllm generate --ids on stories260K: got '$got', want '$want'"; fi
+    blas=$($FL generate --model "$M" --prompt "" --max-tokens 80 --ignore-eos --ids --gemm openblas)
+    if [ "$blas" = "$want" ]; then tap_ok "the same 80 ids with --gemm openblas"
+    else tap_fail "--gemm openblas: got '$blas'"; fi
     text=$($FL generate --model "$M" --prompt "" --max-tokens 80 --ignore-eos)
     case "$text" in "Once upon a time, there was a little girl named Lily."*) tap_ok "the same generation as text begins with llama2.c's story" ;;
         *) tap_fail "generation text begins '$text'" ;; esac
@@ -73,6 +76,8 @@ err=$($FL generate --model "$TMP/model" --max-tokens lots 2>&1); rc=$?
 case "$rc:$err" in 1:*"--max-tokens must be a number"*) tap_ok "a non-numeric value is named" ;; *) tap_fail "bad number: rc $rc, '$err'" ;; esac
 err=$($FL generate --model "$TMP/nonexistent" 2>&1); rc=$?
 case "$rc:$err" in 1:*"$TMP/nonexistent/config.json"*) tap_ok "a missing model folder names its config.json" ;; *) tap_fail "missing model: rc $rc, '$err'" ;; esac
+err=$($FL generate --model "$TMP/model" --gemm blas 2>&1); rc=$?
+case "$rc:$err" in 1:*"option 'gemm' must be \"packed\" or \"openblas\", got \"blas\""*) tap_ok "a bad --gemm value is named" ;; *) tap_fail "bad gemm: rc $rc, '$err'" ;; esac
 err=$($FL frobnicate 2>&1); rc=$?
 case "$rc:$err" in 1:*"unknown command 'frobnicate'"*) tap_ok "an unknown command is named" ;; *) tap_fail "unknown command: rc $rc, '$err'" ;; esac
 tap_done
