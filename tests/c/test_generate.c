@@ -101,7 +101,8 @@ static int run_requests(fl_context *ctx, const int32_t *const *prompts, const in
     fl_generator_params gp = fl_generator_default_params();
     gp.prefill_chunk = 8;
     fl_generator *g = fl_generator_new(ctx, &gp);
-    int ids[16];
+    int ids[16] = {0};
+    if (n > 16) return -1;
     memset(out, 0, sizeof(run_result) * n);
     for (int i = 0; i < n; i++) ids[i] = fl_generator_add(g, prompts[i], n_prompt[i], rp);
     int steps = 0, rc = 0;
@@ -111,7 +112,7 @@ static int run_requests(fl_context *ctx, const int32_t *const *prompts, const in
         if (ne < 0) rc = -1;
         for (int e = 0; e < ne; e++) {
             int i = 0;
-            while (ids[i] != ev[e].request) i++;
+            while (i < n - 1 && ids[i] != ev[e].request) i++;
             run_result *r = &out[i];
             memcpy(r->text + r->text_len, ev[e].text, ev[e].text_len);
             r->text_len += ev[e].text_len;
@@ -180,6 +181,37 @@ static void test_page_reuse(fl_model *m) {
     tap_ok(same, "%d requests through a 6-page pool (2 at a time) give the outputs of a large pool",
            N);
     tap_ok(fl_kv_pages_free(ctx) == 6, "all 6 pages are free again afterwards");
+    fl_context_free(ctx);
+}
+
+/* EOS ends a request: sampling hot from a random model, find a seed whose text
+ * reaches EOS with ignore_eos; without it the same seed stops right there. */
+static void test_eos(fl_model *m) {
+    int32_t eos = fl_tokenizer_eos(fl_model_tokenizer(m)), prompt[2] = {3, 4};
+    const int32_t *prompts[] = {prompt};
+    int n_prompt[] = {2};
+    fl_context *ctx = fl_context_new(m, NULL);
+    fl_request_params rp = fl_request_default_params();
+    rp.max_tokens = 250;
+    rp.sampling.temperature = 4.0f;
+    static run_result through, stopped;
+    int at = -1;
+    for (uint64_t seed = 1; seed <= 40 && at < 0; seed++) {
+        rp.sampling.seed = seed;
+        rp.ignore_eos = 1;
+        run_requests(ctx, prompts, n_prompt, 1, &rp, &through);
+        for (int i = 0; i < through.n_ids && at < 0; i++)
+            if (through.ids[i] == eos) at = i;
+    }
+    if (!tap_ok(at >= 0, "a seed whose sampled text reaches EOS (id %d) was found", eos)) {
+        fl_context_free(ctx);
+        return;
+    }
+    rp.ignore_eos = 0;
+    run_requests(ctx, prompts, n_prompt, 1, &rp, &stopped);
+    tap_ok(stopped.finish == FL_FINISH_EOS && stopped.n_ids == at + 1 &&
+               memcmp(stopped.ids, through.ids, sizeof(int32_t) * (at + 1)) == 0,
+           "the request ends at EOS after %d tokens, the same ids as with ignore_eos", at + 1);
     fl_context_free(ctx);
 }
 
@@ -317,6 +349,7 @@ int main(void) {
         if (tap_ok(m != NULL, "the init-model model loads (%s)", m ? "" : fl_last_error())) {
             test_batch_invariance(m, "init-model default", 1);
             test_page_reuse(m);
+            test_eos(m);
             fl_model_free(m);
         }
     }
