@@ -63,4 +63,53 @@ void fl_cpu_swiglu_forward(float *y, const float *gate, const float *up,
 /* x += y. */
 void fl_cpu_add_inplace(float *x, const float *y, int n); /* [n] */
 
+/* ---------------------------------------------------------------- training
+ * Backward kernels (kernels/cpu/backward.c) and the LoRA linear
+ * (kernels/cpu/lora.c). "+=" marks outputs that accumulate. */
+
+/* RMSNorm forward that also keeps rinv = 1/sqrt(mean(x^2) + eps) per row. */
+void fl_cpu_rmsnorm_forward_rinv(float *y, float *rinv, const float *x, const float *w, int n,
+                                 int dim, float eps); /* rinv [n] */
+/* dx += d(w * x * rinv)/dx applied to dy. */
+void fl_cpu_rmsnorm_backward(float *dx, const float *dy, const float *x, const float *rinv,
+                             const float *w, int n, int dim); /* dx += [n,dim] */
+
+/* The gradient through rotate-half RoPE: rotates dx back by each token's angles, in place. */
+void fl_cpu_rope_backward(float *dx, const int32_t *pos, const float *inv_freq, int n,
+                          int n_heads, int head_dim); /* dx [n, n_heads*head_dim] */
+
+/* y = silu(gate) * up: dgate = dy * up * silu'(gate), dup = dy * silu(gate). */
+void fl_cpu_swiglu_backward(float *dgate, float *dup, const float *dy, const float *gate,
+                            const float *up, int n); /* all [n], overwritten */
+
+/* Attention backward for n query tokens of ONE sequence (page_table), with the
+ * forward's output and log-sum-exp. Writes dq (post-RoPE gradient) and adds to the
+ * per-position accumulators dk_acc/dv_acc, indexed by absolute position, for every
+ * key position 0..pos[t] each query saw. */
+void fl_cpu_attention_backward(float *dq, float *dk_acc, float *dv_acc, const float *dout,
+                               const float *out, const float *lse, const float *q,
+                               const fl_kv_layer *kv, const int32_t *page_table,
+                               const int32_t *pos, int n, int n_heads, int n_kv_heads,
+                               int head_dim);
+/* dq,dout,out,q [n, n_heads*head_dim]; lse [n, n_heads]; dk_acc,dv_acc += [seq_len, kv_dim] */
+
+/* Fused cross-entropy over n rows: returns the sum over rows with target >= 0 of
+ * logsumexp(row) - row[target], and overwrites each row with its gradient
+ * (softmax - onehot(target)) * scale (zero for rows with target < 0). */
+double fl_cpu_cross_entropy(float *logits, const int32_t *targets, int n, int vocab,
+                            float scale); /* logits [n, vocab] in: logits, out: gradient */
+
+/* Frozen linear backward: dx += dy @ w. */
+void fl_cpu_matmul_backward_input(float *dx, const float *dy, const float *w, int n, int in,
+                                  int out); /* dx += [n,in], dy [n,out], w [out,in] */
+
+/* LoRA: u = x @ A^T; y += scale * u @ B^T. */
+void fl_cpu_lora_forward(float *y, float *u, const float *x, const float *A, const float *B,
+                         float scale, int n, int in, int out, int r);
+/* y += [n,out], u [n,r] out, x [n,in], A [r,in], B [out,r] */
+/* du = scale * dy @ B; dB += scale * dy^T @ u; dA += du^T @ x; dx += du @ A (dx may be NULL). */
+void fl_cpu_lora_backward(float *dx, float *dA, float *dB, const float *dy, const float *x,
+                          const float *u, const float *A, const float *B, float scale, int n,
+                          int in, int out, int r);
+
 #endif

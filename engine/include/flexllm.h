@@ -224,6 +224,101 @@ int fl_generator_step(fl_generator *g, const fl_gen_event **events);
 /* Requests queued or running. */
 int fl_generator_active(const fl_generator *g);
 
+/* ------------------------------------------------------------------ LoRA */
+
+typedef enum {
+    FL_LORA_Q = 0, FL_LORA_K, FL_LORA_V, FL_LORA_O, FL_LORA_GATE, FL_LORA_UP, FL_LORA_DOWN,
+    FL_LORA_N_TARGETS
+} fl_lora_target;
+#define FL_LORA_ALL_LINEARS ((1u << FL_LORA_N_TARGETS) - 1)
+
+typedef struct {
+    int rank;
+    float alpha;       /* scale = alpha / rank, applied at run time, never folded into B */
+    unsigned targets;  /* bit (1u << fl_lora_target) per target */
+    float dropout;     /* on the LoRA input while training, 0 = off */
+    uint64_t seed;     /* A's initialisation and the dropout masks */
+} fl_lora_params;
+
+fl_lora_params fl_lora_default_params(void); /* rank 8, alpha 16, targets q|v, no dropout */
+/* Parses "q,v" / "all" into a target mask; -1 (with the bad name in the error) otherwise. */
+int fl_lora_parse_targets(const char *list, unsigned *targets);
+const char *fl_lora_target_name(fl_lora_target t); /* "q_proj", ..., "down_proj" */
+
+typedef struct fl_adapter fl_adapter;
+
+/* A new adapter initialised as PEFT does: A kaiming-uniform (bound 1/sqrt(in)), B zero. */
+fl_adapter *fl_adapter_new(const fl_model *model, const fl_lora_params *params);
+/* Loads a PEFT adapter folder (adapter_config.json, adapter_model.safetensors), checking
+ * that its targets, rank and shapes fit the model. */
+fl_adapter *fl_adapter_load(const fl_model *model, const char *dir);
+/* Writes dir/adapter_config.json and dir/adapter_model.safetensors atomically (PEFT names). */
+int fl_adapter_save(const fl_adapter *a, const char *dir, const char *base_model_name);
+void fl_adapter_free(fl_adapter *a);
+const fl_lora_params *fl_adapter_params(const fl_adapter *a);
+size_t fl_adapter_n_params(const fl_adapter *a);
+
+/* -------------------------------------------------------------- datasets */
+
+typedef struct {
+    int max_len;       /* tokens per sample; longer texts are split, chat/prompt samples cut */
+    int add_bos;       /* -1: as the tokenizer says */
+} fl_dataset_params;
+
+fl_dataset_params fl_dataset_default_params(void);
+
+typedef struct {
+    const int32_t *tokens;  /* [n] */
+    const int32_t *labels;  /* [n]: the token to predict after position i, or -1 (no loss) */
+    int n;
+} fl_sample;
+
+typedef struct fl_dataset fl_dataset;
+
+/* Plain text (split into samples of max_len) or JSONL (.jsonl) with per line either
+ * "text", or "prompt" + "completion" (loss on the completion), or OpenAI chat
+ * "messages" (loss on assistant turns). Errors name the file and line. */
+fl_dataset *fl_dataset_load(const char *path, const fl_tokenizer *tok,
+                            const fl_dataset_params *params);
+void fl_dataset_free(fl_dataset *ds);
+int fl_dataset_count(const fl_dataset *ds);
+const fl_sample *fl_dataset_get(const fl_dataset *ds, int i);
+/* order[count]: the sample order of an epoch, a seeded shuffle (same seed and epoch, same order). */
+void fl_dataset_order(const fl_dataset *ds, uint64_t seed, int epoch, int *order);
+
+/* ------------------------------------------------------------ optimizers */
+
+typedef enum { FL_OPT_ADAMW = 0, FL_OPT_SGD = 1 } fl_optimizer_kind;
+typedef enum { FL_SCHEDULE_CONSTANT = 0, FL_SCHEDULE_COSINE = 1 } fl_schedule;
+
+typedef struct {
+    fl_optimizer_kind kind;
+    float lr;
+    float beta1, beta2, eps, weight_decay; /* AdamW (decoupled weight decay) */
+    float momentum;                        /* SGD */
+    float clip_norm;                       /* 0: no clipping */
+    int warmup_steps;                      /* linear from 0 */
+    int total_steps;                       /* for the cosine schedule */
+    fl_schedule schedule;
+    float min_lr_ratio;                    /* cosine floor as a fraction of lr */
+} fl_optim_params;
+
+fl_optim_params fl_optim_default_params(void); /* AdamW lr 2e-4, betas .9/.999, eps 1e-8, wd 0 */
+
+typedef struct fl_optimizer fl_optimizer;
+
+fl_optimizer *fl_optimizer_new(size_t n_params, const fl_optim_params *params);
+void fl_optimizer_free(fl_optimizer *opt);
+/* One update: grads hold the sum over n_accumulated samples (their mean is used), are
+ * clipped to clip_norm, applied to params, then zeroed. Returns the gradient norm
+ * before clipping, or -1 when it is not finite (params untouched). */
+float fl_optimizer_step(fl_optimizer *opt, float *params, float *grads, int n_accumulated);
+float fl_optimizer_lr(const fl_optimizer *opt); /* the rate the next step uses */
+int fl_optimizer_steps(const fl_optimizer *opt);
+/* State for checkpoints: step count, then the moment buffers. */
+int fl_optimizer_save(const fl_optimizer *opt, const char *path);
+int fl_optimizer_load(fl_optimizer *opt, const char *path);
+
 #ifdef __cplusplus
 }
 #endif
