@@ -79,12 +79,15 @@ static inline __attribute__((always_inline)) void axpy(float *y, float a, const 
 }
 
 /* dq of one token's heads [h0, h0 + group), which share kv head g, against positions
- * 0..last: a page of K/V rows at a time, each row read once for all the heads. */
+ * 0..last, a page of K/V rows at a time (page_tokens <= FL_KV_PAGE_TOKENS, as in the
+ * forward): all the page's dots, then its exps, then the updates, so the independent
+ * dots overlap instead of each waiting on an exp. */
 static inline __attribute__((always_inline)) void
 dq_token(float *dq, const float *dout, const float *out, const float *lse, const float *q,
          const fl_kv_layer *kv, const int32_t *page_table, int last, int g, int group,
          int head_dim, float scale) {
-    float D[FL_ATTN_MAX_HEADS];
+    float D[FL_ATTN_MAX_HEADS], p[FL_ATTN_MAX_HEADS * FL_KV_PAGE_TOKENS],
+        dp[FL_ATTN_MAX_HEADS * FL_KV_PAGE_TOKENS]; /* [head - h0, row in page] */
     int P = kv->page_tokens, h0 = g * group;
     for (int h = h0; h < h0 + group; h++) {
         D[h - h0] = dot(dout + (size_t)h * head_dim, out + (size_t)h * head_dim, head_dim);
@@ -96,12 +99,19 @@ dq_token(float *dq, const float *dout, const float *out, const float *lse, const
         for (int j = 0; j < rows; j++) {
             const float *k = kv->k + base + (size_t)j * kv->kv_dim;
             const float *v = kv->v + base + (size_t)j * kv->kv_dim;
-            for (int h = h0; h < h0 + group; h++) {
-                const float *qh = q + (size_t)h * head_dim, *doh = dout + (size_t)h * head_dim;
-                float p = expf(dot(qh, k, head_dim) * scale - lse[h]);
-                float ds = p * (dot(doh, v, head_dim) - D[h - h0]);
-                axpy(dq + (size_t)h * head_dim, ds, k, head_dim);
+            for (int h = 0; h < group; h++) { /* P = exp(s - lse), dP = dout . v */
+                size_t off = (size_t)(h0 + h) * head_dim;
+                p[h * P + j] = dot(q + off, k, head_dim) * scale - lse[h0 + h];
+                dp[h * P + j] = dot(dout + off, v, head_dim);
             }
+        }
+        for (int h = 0; h < group; h++)
+            for (int j = 0; j < rows; j++) p[h * P + j] = expf(p[h * P + j]);
+        for (int j = 0; j < rows; j++) {
+            const float *k = kv->k + base + (size_t)j * kv->kv_dim;
+            for (int h = 0; h < group; h++)
+                axpy(dq + (size_t)(h0 + h) * head_dim, p[h * P + j] * (dp[h * P + j] - D[h]), k,
+                     head_dim);
         }
     }
     for (int h = h0; h < h0 + group; h++)
@@ -109,7 +119,7 @@ dq_token(float *dq, const float *dout, const float *out, const float *lse, const
 }
 
 /* Adds to dk_acc/dv_acc the rows of page number pg, columns of kv head g, from every
- * query that sees them, in query order then head order. */
+ * query that sees them, in query order then head order; staged like dq_token. */
 static inline __attribute__((always_inline)) void
 dkv_page(float *dk_acc, float *dv_acc, const float *dout, const float *out, const float *lse,
          const float *q, const fl_kv_layer *kv, const int32_t *page_table, const int32_t *pos,
@@ -125,13 +135,15 @@ dkv_page(float *dk_acc, float *dv_acc, const float *dout, const float *out, cons
             size_t off = ((size_t)t * n_heads + h) * head_dim;
             const float *qh = q + off, *doh = dout + off;
             float D = dot(doh, out + off, head_dim), l = lse[(size_t)t * n_heads + h];
+            float p[FL_KV_PAGE_TOKENS], dp[FL_KV_PAGE_TOKENS];
             for (int j = 0; j < rows; j++) {
-                const float *k = kv->k + base + (size_t)j * kv_dim;
-                const float *v = kv->v + base + (size_t)j * kv_dim;
-                float p = expf(dot(qh, k, head_dim) * scale - l);
-                float ds = p * (dot(doh, v, head_dim) - D);
-                axpy(dk_acc + acc + (size_t)j * kv_dim, scale * ds, qh, head_dim);
-                axpy(dv_acc + acc + (size_t)j * kv_dim, p, doh, head_dim);
+                p[j] = dot(qh, kv->k + base + (size_t)j * kv_dim, head_dim) * scale - l;
+                dp[j] = dot(doh, kv->v + base + (size_t)j * kv_dim, head_dim);
+            }
+            for (int j = 0; j < rows; j++) p[j] = expf(p[j]);
+            for (int j = 0; j < rows; j++) {
+                axpy(dk_acc + acc + (size_t)j * kv_dim, scale * p[j] * (dp[j] - D), qh, head_dim);
+                axpy(dv_acc + acc + (size_t)j * kv_dim, p[j], doh, head_dim);
             }
         }
     }
