@@ -99,7 +99,7 @@ dq_token(float *dq, const float *dout, const float *out, const float *lse, const
         for (int j = 0; j < rows; j++) {
             const float *k = kv->k + base + (size_t)j * kv->kv_dim;
             const float *v = kv->v + base + (size_t)j * kv->kv_dim;
-            for (int h = 0; h < group; h++) { /* P = exp(s - lse), dP = dout . v */
+            for (int h = 0; h < group; h++) { /* p = exp(s - lse), dp = dout . v */
                 size_t off = (size_t)(h0 + h) * head_dim;
                 p[h * P + j] = dot(q + off, k, head_dim) * scale - lse[h0 + h];
                 dp[h * P + j] = dot(dout + off, v, head_dim);
