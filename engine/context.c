@@ -1,6 +1,8 @@
 /* A context: the paged KV pool, the live sequences, and the batched forward. */
-#include "model.h"
+#include "train.h"
 #include "fl_internal.h"
+
+#include <math.h>
 
 #include <stdlib.h>
 #include <string.h>
@@ -12,9 +14,20 @@ fl_context_params fl_context_default_params(void) {
     return p;
 }
 
+static int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
+
 static int alloc_scratch(fl_scratch *s, const fl_model *m, int T) {
     const fl_config *c = &m->cfg;
     size_t dim = (size_t)T * c->dim, hid = (size_t)T * c->hidden_dim;
+    size_t wide = (size_t)T * max3(c->dim, m->q_dim, c->hidden_dim);
+    s->rinv = fl_malloc(sizeof(float) * T);
+    s->lse = fl_malloc(sizeof(float) * (size_t)T * c->n_heads);
+    s->tok_adapter = fl_malloc(sizeof(*s->tok_adapter) * T);
+    s->tok_train = fl_malloc(sizeof(*s->tok_train) * T);
+    s->group_tok = fl_malloc(sizeof(int32_t) * T);
+    s->group_pos = fl_malloc(sizeof(int32_t) * T);
+    s->lora_x = fl_malloc(sizeof(float) * wide);
+    s->lora_y = fl_malloc(sizeof(float) * wide);
     s->x = fl_malloc(sizeof(float) * dim);
     s->xb = fl_malloc(sizeof(float) * dim);
     s->proj = fl_malloc(sizeof(float) * dim);
@@ -27,7 +40,8 @@ static int alloc_scratch(fl_scratch *s, const fl_model *m, int T) {
     s->up = fl_malloc(sizeof(float) * hid);
     s->page_tables = fl_malloc(sizeof(int32_t *) * (size_t)T);
     return (s->x && s->xb && s->proj && s->out_rows && s->q && s->att && s->k && s->v &&
-            s->gate && s->up && s->page_tables)
+            s->gate && s->up && s->page_tables && s->rinv && s->lse && s->tok_adapter &&
+            s->tok_train && s->group_tok && s->group_pos && s->lora_x && s->lora_y)
                ? 0
                : -1;
 }
@@ -44,6 +58,15 @@ static void free_scratch(fl_scratch *s) {
     free(s->gate);
     free(s->up);
     free(s->page_tables);
+    free(s->rinv);
+    free(s->lse);
+    free(s->tok_adapter);
+    free(s->tok_train);
+    free(s->group_tok);
+    free(s->group_pos);
+    free(s->lora_x);
+    free(s->lora_y);
+    free(s->lora_u);
 }
 
 fl_context *fl_context_new(const fl_model *m, const fl_context_params *params) {
@@ -155,6 +178,7 @@ static int validate_batch(const fl_context *ctx, const fl_batch *b, int *new_pag
     int rc = 0, pages = 0;
     for (int t = 0; t < b->n_tokens && rc == 0; t++) {
         int sq = b->seq[t];
+        const fl_train_sample *tr = live_seq(ctx, sq) ? ctx->seqs[sq].train : NULL;
         if (b->token[t] < 0 || b->token[t] >= c->vocab_size)
             rc = fl_error("batch: token %d is id %d, outside the vocabulary [0, %d)", t,
                           b->token[t], c->vocab_size);
@@ -166,6 +190,12 @@ static int validate_batch(const fl_context *ctx, const fl_batch *b, int *new_pag
         else if (b->pos[t] >= c->max_seq_len)
             rc = fl_error("batch: position %d of sequence %d reaches max_seq_len %d", b->pos[t],
                           sq, c->max_seq_len);
+        else if (tr && (b->pos[t] >= tr->n || b->token[t] != tr->tokens[b->pos[t]]))
+            rc = fl_error("batch: token %d (id %d at position %d) is not the finetuning "
+                          "sample's token there",
+                          t, b->token[t], b->pos[t]);
+        else if (tr && b->logits && b->logits[t])
+            rc = fl_error("batch: token %d of a finetuning sample asks for logits", t);
         else {
             if (next[sq] % FL_KV_PAGE_TOKENS == 0 &&
                 next[sq] / FL_KV_PAGE_TOKENS >= ctx->seqs[sq].n_pages)
@@ -192,34 +222,180 @@ static int take_page(fl_context *ctx, fl_seq *s) {
     return 0;
 }
 
+#define MAX_GROUPS 64 /* adapter groups in one batch */
+
+/* Groups the batch's tokens by adapter (the SGMV idea: one pair of small GEMMs per
+ * adapter and target); returns the number of groups, their bounds in group_tok.
+ * A finetuning sample's tokens form a group of their own, apart from inference
+ * tokens that use the same adapter (those see no dropout and keep nothing). */
+static int group_by_adapter(fl_context *ctx, const fl_batch *b, const fl_adapter **adapters,
+                            int *start) {
+    fl_scratch *s = &ctx->s;
+    int T = b->n_tokens, n_groups = 0, k = 0;
+    for (int t = 0; t < T; t++) {
+        s->tok_train[t] = ctx->seqs[b->seq[t]].train;
+        s->tok_adapter[t] = s->tok_train[t] ? s->tok_train[t]->adapter
+                                            : (b->adapter ? b->adapter[t] : NULL);
+    }
+    for (int t = 0; t < T; t++) {
+        const fl_adapter *a = s->tok_adapter[t];
+        int seen = 0;
+        for (int u = 0; u < t && !seen; u++)
+            seen = s->tok_adapter[u] == a && s->tok_train[u] == s->tok_train[t];
+        if (!a || seen) continue;
+        if (n_groups == MAX_GROUPS) return MAX_GROUPS + 1;
+        start[n_groups] = k;
+        adapters[n_groups++] = a;
+        for (int u = t; u < T; u++)
+            if (s->tok_adapter[u] == a && s->tok_train[u] == s->tok_train[t])
+                s->group_pos[k] = b->pos[u], s->group_tok[k++] = u;
+    }
+    start[n_groups] = k;
+    return n_groups;
+}
+
+
+typedef struct {
+    const fl_batch *b;
+    int n_groups;
+    const fl_adapter *adapters[MAX_GROUPS];
+    int start[MAX_GROUPS + 1];
+} batch_info;
+
+static int ensure_lora_u(fl_scratch *s, int T, int rank) {
+    if (rank <= s->lora_u_rank) return 0;
+    float *u = realloc(s->lora_u, sizeof(float) * (size_t)T * rank);
+    if (!u) return fl_error("out of memory for LoRA rank %d", rank);
+    s->lora_u = u;
+    s->lora_u_rank = rank;
+    return 0;
+}
+
+/* y += each token's LoRA of target tg in layer l, one adapter group at a time. Rows of
+ * finetuning tokens go through the dropout mask, and their u is kept when planned. */
+static void apply_lora(fl_context *ctx, const batch_info *bi, int l, fl_lora_target tg, float *y,
+                       const float *x, int in, int out) {
+    fl_scratch *s = &ctx->s;
+    for (int g = 0; g < bi->n_groups; g++) {
+        const fl_adapter *a = bi->adapters[g];
+        const fl_lora_weight *w = fl_lora_at(a, l, tg);
+        if (!w) continue;
+        int first = bi->start[g], m = bi->start[g + 1] - first;
+        const int32_t *toks = s->group_tok + first;
+        fl_train_sample *tr = s->tok_train[toks[0]]; /* a training adapter is in one sample */
+        for (int i = 0; i < m; i++)
+            memcpy(s->lora_x + (size_t)i * in, x + (size_t)toks[i] * in, sizeof(float) * in);
+        if (tr) fl_lora_training_input(s->lora_x, s->lora_x, tr, l, tg, s->group_pos + first, m, in);
+        memset(s->lora_y, 0, sizeof(float) * (size_t)m * out);
+        fl_cpu_lora_forward(s->lora_y, s->lora_u, s->lora_x, w->A, w->B, a->scale, m, in, out,
+                            a->p.rank);
+        for (int i = 0; i < m; i++) {
+            fl_cpu_add_inplace(y + (size_t)toks[i] * out, s->lora_y + (size_t)i * out, out);
+            if (tr && tr->plan.kept[FL_ACT_U_Q + tg])
+                memcpy(fl_train_saved(tr, l, s->group_pos[first + i], FL_ACT_U_Q + tg),
+                       s->lora_u + (size_t)i * a->p.rank, sizeof(float) * a->p.rank);
+        }
+    }
+}
+
+/* Copies the rows of finetuning tokens into their arenas when the plan keeps a. */
+static void save_rows(fl_context *ctx, const fl_batch *b, int l, fl_activation a,
+                      const float *src, size_t width) {
+    fl_scratch *s = &ctx->s;
+    for (int t = 0; t < b->n_tokens; t++) {
+        fl_train_sample *tr = s->tok_train[t];
+        if (tr && tr->plan.kept[a])
+            memcpy(fl_train_saved(tr, l, b->pos[t], a), src + (size_t)t * width,
+                   sizeof(float) * width);
+    }
+}
+
 /* One decoder layer over the whole batch: x [T, dim] is updated in place. */
-static void layer_forward(fl_context *ctx, int l, const fl_batch *b) {
+static void layer_forward(fl_context *ctx, int l, const batch_info *bi) {
     const fl_model *m = ctx->model;
     const fl_config *c = &m->cfg;
     const fl_layer_weights *L = &m->layers[l];
+    const fl_batch *b = bi->b;
     fl_scratch *s = &ctx->s;
     int T = b->n_tokens;
     fl_kv_layer kv = fl_context_kv_layer(ctx, l);
 
-    fl_cpu_rmsnorm_forward(s->xb, s->x, L->attn_norm, T, c->dim, c->norm_eps);
+    save_rows(ctx, b, l, FL_ACT_X_IN, s->x, c->dim);
+    fl_cpu_rmsnorm_forward_rinv(s->xb, s->rinv, s->x, L->attn_norm, T, c->dim, c->norm_eps);
+    save_rows(ctx, b, l, FL_ACT_RMS1, s->rinv, 1);
     fl_model_linear(m, s->q, s->xb, &L->wq, L->bq, T, c->dim, m->q_dim);
     fl_model_linear(m, s->k, s->xb, &L->wk, L->bk, T, c->dim, m->kv_dim);
     fl_model_linear(m, s->v, s->xb, &L->wv, L->bv, T, c->dim, m->kv_dim);
+    apply_lora(ctx, bi, l, FL_LORA_Q, s->q, s->xb, c->dim, m->q_dim);
+    apply_lora(ctx, bi, l, FL_LORA_K, s->k, s->xb, c->dim, m->kv_dim);
+    apply_lora(ctx, bi, l, FL_LORA_V, s->v, s->xb, c->dim, m->kv_dim);
     fl_cpu_rope_forward(s->q, b->pos, m->inv_freq, T, c->n_heads, c->head_dim);
     fl_cpu_rope_forward(s->k, b->pos, m->inv_freq, T, c->n_kv_heads, c->head_dim);
+    save_rows(ctx, b, l, FL_ACT_Q, s->q, m->q_dim);
     fl_cpu_kv_store(&kv, s->k, s->v, s->page_tables, b->pos, T);
-    fl_cpu_attention_forward(s->att, NULL, s->q, &kv, s->page_tables, b->pos, T, c->n_heads,
+    fl_cpu_attention_forward(s->att, s->lse, s->q, &kv, s->page_tables, b->pos, T, c->n_heads,
                              c->n_kv_heads, c->head_dim);
+    save_rows(ctx, b, l, FL_ACT_ATT, s->att, m->q_dim);
+    save_rows(ctx, b, l, FL_ACT_LSE, s->lse, c->n_heads);
     fl_model_linear(m, s->proj, s->att, &L->wo, L->bo, T, m->q_dim, c->dim);
+    apply_lora(ctx, bi, l, FL_LORA_O, s->proj, s->att, m->q_dim, c->dim);
     fl_cpu_add_inplace(s->x, s->proj, T * c->dim);
 
-    fl_cpu_rmsnorm_forward(s->xb, s->x, L->ffn_norm, T, c->dim, c->norm_eps);
+    save_rows(ctx, b, l, FL_ACT_X_MID, s->x, c->dim);
+    fl_cpu_rmsnorm_forward_rinv(s->xb, s->rinv, s->x, L->ffn_norm, T, c->dim, c->norm_eps);
+    save_rows(ctx, b, l, FL_ACT_RMS2, s->rinv, 1);
     fl_model_linear(m, s->gate, s->xb, &L->w_gate, NULL, T, c->dim, c->hidden_dim);
     fl_model_linear(m, s->up, s->xb, &L->w_up, NULL, T, c->dim, c->hidden_dim);
+    apply_lora(ctx, bi, l, FL_LORA_GATE, s->gate, s->xb, c->dim, c->hidden_dim);
+    apply_lora(ctx, bi, l, FL_LORA_UP, s->up, s->xb, c->dim, c->hidden_dim);
+    save_rows(ctx, b, l, FL_ACT_GATE, s->gate, c->hidden_dim);
+    save_rows(ctx, b, l, FL_ACT_UP, s->up, c->hidden_dim);
     fl_cpu_swiglu_forward(s->gate, s->gate, s->up, T * c->hidden_dim);
     fl_model_linear(m, s->proj, s->gate, &L->w_down, NULL, T, c->hidden_dim, c->dim);
+    apply_lora(ctx, bi, l, FL_LORA_DOWN, s->proj, s->gate, c->hidden_dim, c->dim);
     fl_cpu_add_inplace(s->x, s->proj, T * c->dim);
 }
+
+/* The fused loss of each finetuning sample's rows in the batch. */
+static int training_losses(fl_context *ctx, const fl_batch *b) {
+    fl_scratch *s = &ctx->s;
+    const fl_config *c = &ctx->model->cfg;
+    for (int t = 0; t < b->n_tokens; t++) {
+        fl_train_sample *tr = s->tok_train[t];
+        if (!tr) continue;
+        int seen = 0; /* each sample once: its rows are gathered below */
+        for (int u = 0; u < t && !seen; u++) seen = s->tok_train[u] == tr;
+        if (seen) continue;
+        int m = 0;
+        for (int u = t; u < b->n_tokens; u++)
+            if (s->tok_train[u] == tr) {
+                memcpy(s->lora_x + (size_t)m * c->dim, s->x + (size_t)u * c->dim,
+                       sizeof(float) * c->dim);
+                s->group_pos[m++] = b->pos[u];
+            }
+        if (fl_train_loss_rows(ctx, tr, s->lora_x, s->group_pos, m) != 0) return -1;
+        tr->forwarded += m;
+    }
+    return 0;
+}
+
+static void poison_scratch(fl_context *ctx) {
+    const fl_model *m = ctx->model;
+    fl_scratch *s = &ctx->s;
+    size_t T = (size_t)ctx->params.max_batch_tokens, dim = T * m->cfg.dim;
+    size_t hid = T * m->cfg.hidden_dim;
+    struct { float *p; size_t n; } bufs[] = {
+        {s->x, dim}, {s->xb, dim}, {s->proj, dim}, {s->out_rows, dim}, {s->q, T * m->q_dim},
+        {s->att, T * m->q_dim}, {s->k, T * m->kv_dim}, {s->v, T * m->kv_dim}, {s->gate, hid},
+        {s->up, hid}, {s->rinv, T}, {s->lse, T * m->cfg.n_heads},
+        {s->lora_x, T * max3(m->cfg.dim, m->q_dim, m->cfg.hidden_dim)},
+        {s->lora_y, T * max3(m->cfg.dim, m->q_dim, m->cfg.hidden_dim)},
+        {s->lora_u, T * s->lora_u_rank}};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        for (size_t j = 0; j < bufs[i].n; j++) bufs[i].p[j] = NAN;
+}
+
+void fl_context_poison_scratch(fl_context *ctx, int on) { ctx->poison = on; }
 
 int fl_forward(fl_context *ctx, const fl_batch *b, float *logits) {
     const fl_model *m = ctx->model;
@@ -227,6 +403,12 @@ int fl_forward(fl_context *ctx, const fl_batch *b, float *logits) {
     fl_scratch *s = &ctx->s;
     int new_pages;
     if (validate_batch(ctx, b, &new_pages) != 0) return -1;
+    batch_info bi = {.b = b};
+    bi.n_groups = group_by_adapter(ctx, b, bi.adapters, bi.start);
+    if (bi.n_groups > MAX_GROUPS)
+        return fl_error("batch: more than %d adapter groups", MAX_GROUPS);
+    for (int g = 0; g < bi.n_groups; g++)
+        if (ensure_lora_u(s, ctx->params.max_batch_tokens, bi.adapters[g]->p.rank) != 0) return -1;
     int T = b->n_tokens;
     for (int t = 0; t < T; t++) { /* all pages first: taking one may move a page table */
         fl_seq *sq = &ctx->seqs[b->seq[t]];
@@ -240,11 +422,12 @@ int fl_forward(fl_context *ctx, const fl_batch *b, float *logits) {
         memcpy(s->x + (size_t)t * c->dim, m->embed + (size_t)b->token[t] * c->dim,
                sizeof(float) * c->dim);
     }
-    for (int l = 0; l < c->n_layers; l++) layer_forward(ctx, l, b);
+    for (int l = 0; l < c->n_layers; l++) layer_forward(ctx, l, &bi);
+    if (training_losses(ctx, b) != 0) return -1;
 
     int n_out = 0;
     for (int t = 0; t < T; t++) {
-        int want = b->logits ? b->logits[t] != 0 : t == T - 1;
+        int want = b->logits ? b->logits[t] != 0 : t == T - 1 && !s->tok_train[t];
         if (!want) continue;
         fl_cpu_rmsnorm_forward(s->out_rows + (size_t)n_out * c->dim, s->x + (size_t)t * c->dim,
                                m->final_norm, 1, c->dim, c->norm_eps);
@@ -252,5 +435,6 @@ int fl_forward(fl_context *ctx, const fl_batch *b, float *logits) {
     }
     if (n_out > 0)
         fl_model_linear(m, logits, s->out_rows, &m->lm_head, NULL, n_out, c->dim, c->vocab_size);
+    if (ctx->poison) poison_scratch(ctx);
     return n_out;
 }

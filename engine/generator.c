@@ -344,7 +344,7 @@ int fl_generator_step(fl_generator *g, const fl_gen_event **events) {
     *events = NULL;
     int n = build_batch(g, &n_rows);
     if (n == 0) return 0;
-    fl_batch b = {n, g->tok, g->seq, g->pos, g->want};
+    fl_batch b = {.n_tokens = n, .token = g->tok, .seq = g->seq, .pos = g->pos, .logits = g->want};
     if (fl_forward(g->ctx, &b, g->logits) != n_rows) return fl_error_prefix("generator step");
     int vocab = g->ctx->model->cfg.vocab_size;
     for (int row = 0; row < n_rows; row++) {

@@ -318,7 +318,7 @@ static int l_ctx_logits(lua_State *L) {
     for (int off = 0; ok && off < n; off += chunk) {
         int m = n - off < chunk ? n - off : chunk;
         for (int i = 0; i < m; i++) seqs[i] = seq, pos[i] = off + i, want[i] = 1;
-        fl_batch b = {m, ids + off, seqs, pos, want};
+        fl_batch b = {.n_tokens = m, .token = ids + off, .seq = seqs, .pos = pos, .logits = want};
         ok = fl_forward(ctx, &b, out + (size_t)off * vocab) == m;
     }
     if (seq >= 0) fl_seq_free(ctx, seq);
@@ -450,6 +450,56 @@ static int l_init_model(lua_State *L) {
     return 1;
 }
 
+/* core.memory_plan(config_json_path, {targets=, rank=, remat_q=, remat_gate_up=, seq=}):
+ * the training plan as a table, for `flexllm memory-plan`. */
+static int l_memory_plan(lua_State *L) {
+    const char *path = luaL_checkstring(L, 1);
+    check_opts(L, 2);
+    fl_config cfg;
+    if (fl_config_load(path, &cfg) != 0) return fail(L);
+    fl_plan_params pp = fl_plan_default_params();
+    if (!lua_isnoneornil(L, 2)) {
+        lua_getfield(L, 2, "targets");
+        const char *t = lua_tostring(L, -1);
+        if (t && fl_lora_parse_targets(t, &pp.targets) != 0) return fail(L);
+        lua_pop(L, 1);
+    }
+    pp.rank = opt_int(L, 2, "rank", pp.rank);
+    pp.remat_q = opt_bool(L, 2, "remat_q", 0);
+    pp.remat_gate_up = opt_bool(L, 2, "remat_gate_up", 0);
+    int seq = opt_int(L, 2, "seq", cfg.max_seq_len);
+    fl_plan plan;
+    if (seq < 1) return luaL_error(L, "option 'seq' must be positive");
+    if (fl_plan_make(&cfg, &pp, seq, &plan) != 0) return fail(L);
+    lua_createtable(L, 0, 8);
+    lua_createtable(L, FL_ACT_N, 0);
+    for (int a = 0; a < FL_ACT_N; a++) {
+        lua_createtable(L, 0, 5);
+        lua_pushstring(L, fl_activation_name(a));
+        lua_setfield(L, -2, "name");
+        lua_pushnumber(L, (double)plan.floats[a]);
+        lua_setfield(L, -2, "floats");
+        lua_pushboolean(L, plan.kept[a]);
+        lua_setfield(L, -2, "kept");
+        lua_pushboolean(L, plan.in_pool[a]);
+        lua_setfield(L, -2, "in_pool");
+        lua_pushboolean(L, plan.produced[a]);
+        lua_setfield(L, -2, "produced");
+        lua_rawseti(L, -2, a + 1);
+    }
+    lua_setfield(L, -2, "tensors");
+#define SETN(k, v) (lua_pushnumber(L, (double)(v)), lua_setfield(L, -2, k))
+    SETN("arena_floats", plan.arena_floats);
+    SETN("pool_floats", plan.pool_floats);
+    SETN("keep_all_floats", plan.keep_all_floats);
+    SETN("workspace_floats", plan.workspace_floats);
+    SETN("n_layers", plan.n_layers);
+    SETN("seq", seq);
+    SETN("arena_bytes", fl_plan_arena_bytes(&plan, seq));
+#undef SETN
+    return 1;
+}
+
 /* Monotonic wall-clock seconds, for timing from Lua. */
 static int l_now(lua_State *L) {
     struct timespec ts;
@@ -485,6 +535,7 @@ int luaopen_flexllm_core(lua_State *L) {
     static const luaL_Reg funcs[] = {{"load_model", l_load_model},
                                      {"load_tokenizer", l_load_tokenizer},
                                      {"init_model", l_init_model}, {"now", l_now},
+                                     {"memory_plan", l_memory_plan},
                                      {NULL, NULL}};
     def_class(L, MODEL_MT, model_m, l_model_gc);
     def_class(L, TOK_MT, tok_m, l_tok_gc);

@@ -45,6 +45,7 @@ void fl_model_linear(const fl_model *m, float *y, const float *x, const fl_linea
 
 typedef struct {
     int live;
+    struct fl_train_sample *train; /* the finetuning sample running on it, or NULL */
     int len;          /* tokens in the cache */
     int32_t *pages;   /* [cap_pages] page ids */
     int n_pages, cap_pages;
@@ -60,7 +61,18 @@ typedef struct {
     float *proj;     /* [T, dim] */
     float *gate, *up;/* [T, hidden] */
     float *out_rows; /* [T, dim] final-normed rows that need logits */
+    float *rinv;     /* [T] 1/rms of the last norm */
+    float *lse;      /* [T, n_heads] */
     const int32_t **page_tables; /* [T] */
+    /* LoRA: tokens grouped by adapter, and the gathered rows of one group */
+    const fl_adapter **tok_adapter; /* [T] */
+    struct fl_train_sample **tok_train; /* [T] the sample of a training token, else NULL */
+    int32_t *group_tok;   /* [T] token indices, grouped by adapter */
+    int32_t *group_pos;   /* [T] their positions */
+    float *lora_x;        /* [T, max in] */
+    float *lora_y;        /* [T, max out] */
+    float *lora_u;        /* [T, lora_u_rank] */
+    int lora_u_rank;
 } fl_scratch;
 
 struct fl_context {
@@ -71,6 +83,7 @@ struct fl_context {
     float *k_pool, *v_pool; /* [n_layers, n_pages, FL_KV_PAGE_TOKENS, kv_dim] */
     fl_seq *seqs;          /* [max_seqs] */
     fl_scratch s;
+    int poison;            /* fill scratch with NaN after each forward (tests) */
 };
 
 /* The KV pool slice of one layer. */

@@ -155,12 +155,16 @@ int fl_kv_pages_free(const fl_context *ctx);
 
 /* One forward over tokens of many sequences. Each sequence's tokens appear in
  * order at consecutive positions starting at its current length. */
+typedef struct fl_adapter fl_adapter;
+
 typedef struct {
     int n_tokens;
     const int32_t *token; /* [n_tokens] */
     const int32_t *seq;   /* [n_tokens] */
     const int32_t *pos;   /* [n_tokens] */
     const int8_t *logits; /* [n_tokens] nonzero: write this token's logits (NULL: last token only) */
+    const fl_adapter *const *adapter; /* [n_tokens] LoRA of each token, NULL entries for none
+                                         (NULL: none); a finetuning sample's tokens use its own */
 } fl_batch;
 
 /* Runs the batch. logits receives [n_out, vocab] rows, one per marked token, in
@@ -245,8 +249,6 @@ fl_lora_params fl_lora_default_params(void); /* rank 8, alpha 16, targets q|v, n
 int fl_lora_parse_targets(const char *list, unsigned *targets);
 const char *fl_lora_target_name(fl_lora_target t); /* "q_proj", ..., "down_proj" */
 
-typedef struct fl_adapter fl_adapter;
-
 /* A new adapter initialised as PEFT does: A kaiming-uniform (bound 1/sqrt(in)), B zero. */
 fl_adapter *fl_adapter_new(const fl_model *model, const fl_lora_params *params);
 /* Loads a PEFT adapter folder (adapter_config.json, adapter_model.safetensors), checking
@@ -257,6 +259,64 @@ int fl_adapter_save(const fl_adapter *a, const char *dir, const char *base_model
 void fl_adapter_free(fl_adapter *a);
 const fl_lora_params *fl_adapter_params(const fl_adapter *a);
 size_t fl_adapter_n_params(const fl_adapter *a);
+
+/* ------------------------------------------------- the training graph plan */
+
+/* Per-token, per-layer tensors of a decoder layer's forward. */
+typedef enum {
+    FL_ACT_X_IN,     /* [dim] residual entering the layer */
+    FL_ACT_RMS1,     /* [1] 1/rms of the attention norm */
+    FL_ACT_XN1,      /* [dim] normed input of q/k/v */
+    FL_ACT_Q_PRE,    /* [q_dim] q before RoPE */
+    FL_ACT_K_PRE,    /* [kv_dim] k before RoPE */
+    FL_ACT_Q,        /* [q_dim] q after RoPE */
+    FL_ACT_K,        /* [kv_dim] k after RoPE (in the KV pool) */
+    FL_ACT_V,        /* [kv_dim] (in the KV pool) */
+    FL_ACT_PROBS,    /* [n_heads * seq] attention probabilities, as eager attention keeps them */
+    FL_ACT_ATT,      /* [q_dim] attention output */
+    FL_ACT_LSE,      /* [n_heads] log-sum-exp of the scores */
+    FL_ACT_O_OUT,    /* [dim] o_proj output */
+    FL_ACT_X_MID,    /* [dim] residual after attention */
+    FL_ACT_RMS2,     /* [1] */
+    FL_ACT_XN2,      /* [dim] normed input of gate/up */
+    FL_ACT_GATE,     /* [hidden] */
+    FL_ACT_UP,       /* [hidden] */
+    FL_ACT_H,        /* [hidden] silu(gate) * up */
+    FL_ACT_DOWN_OUT, /* [dim] */
+    FL_ACT_U_Q,      /* [rank] LoRA intermediates x @ A^T, one per target, in target order */
+    FL_ACT_U_K, FL_ACT_U_V, FL_ACT_U_O, FL_ACT_U_GATE, FL_ACT_U_UP, FL_ACT_U_DOWN,
+    FL_ACT_N
+} fl_activation;
+
+typedef struct {
+    unsigned targets;   /* LoRA targets (fl_lora_target bits) */
+    int rank;
+    int remat_q;        /* recompute Q in backward instead of keeping it */
+    int remat_gate_up;  /* recompute gate/up in backward instead of keeping them */
+} fl_plan_params;
+
+typedef struct {
+    int kept[FL_ACT_N];        /* kept in the training arena (K and V live in the KV pool) */
+    int in_pool[FL_ACT_N];     /* kept in the KV pool */
+    int produced[FL_ACT_N];    /* made by the forward (what keep-everything keeps) */
+    size_t floats[FL_ACT_N];   /* floats per token and layer (PROBS: for seq_len) */
+    size_t offset[FL_ACT_N];   /* offset of a kept tensor in a token's arena record */
+    size_t arena_floats;       /* kept floats per token and layer */
+    size_t pool_floats;        /* K and V floats per token and layer */
+    size_t keep_all_floats;    /* everything produced, per token and layer */
+    size_t workspace_floats;   /* per token: dK/dV accumulators of every layer + the final-hidden gradient */
+    int n_layers;
+    int seq_len;
+} fl_plan;
+
+fl_plan_params fl_plan_default_params(void);
+/* Derives the plan for a model shape: which tensors each op's backward needs given
+ * the LoRA targets, resolved through cheap recomputation rules. seq_len only sizes
+ * PROBS in the keep-everything figure. */
+int fl_plan_make(const fl_config *cfg, const fl_plan_params *params, int seq_len, fl_plan *plan);
+const char *fl_activation_name(fl_activation a);
+/* Bytes of the training arena for a sample of n tokens (saved activations + workspace). */
+size_t fl_plan_arena_bytes(const fl_plan *plan, int n);
 
 /* -------------------------------------------------------------- datasets */
 
@@ -285,6 +345,45 @@ int fl_dataset_count(const fl_dataset *ds);
 const fl_sample *fl_dataset_get(const fl_dataset *ds, int i);
 /* order[count]: the sample order of an epoch, a seeded shuffle (same seed and epoch, same order). */
 void fl_dataset_order(const fl_dataset *ds, uint64_t seed, int epoch, int *order);
+
+/* ------------------------------------------------------ training samples
+ * A finetuning sample runs token by token: its forward in chunks, each inside any
+ * fl_forward batch (tokens of its sequence are recognised as training tokens), and
+ * its backward in reverse chunks. Gradients add up in the adapter. */
+
+typedef struct {
+    int remat_q;          /* recompute Q in backward instead of keeping it */
+    int remat_gate_up;    /* recompute gate/up in backward */
+    uint64_t dropout_step; /* varies the LoRA dropout masks between optimizer steps */
+} fl_train_params;
+
+fl_train_params fl_train_default_params(void);
+
+typedef struct fl_train_sample fl_train_sample;
+
+/* Starts a sample: a KV sequence and the arena the plan sizes. The sample's tokens
+ * and labels are copied. */
+fl_train_sample *fl_train_begin(fl_context *ctx, fl_adapter *adapter, const fl_sample *sample,
+                                const fl_train_params *params);
+/* Frees the arena and returns the KV pages (any time, e.g. to cancel). */
+void fl_train_end(fl_context *ctx, fl_train_sample *t);
+int fl_train_seq(const fl_train_sample *t);           /* its KV sequence */
+int fl_train_length(const fl_train_sample *t);        /* tokens */
+int fl_train_forwarded(const fl_train_sample *t);     /* positions through the forward */
+int fl_train_backward_left(const fl_train_sample *t); /* positions still to go backward */
+const int32_t *fl_train_tokens(const fl_train_sample *t);
+/* Runs the next up to max_tokens positions forward, alone in one fl_forward. */
+int fl_train_forward(fl_context *ctx, fl_train_sample *t, int max_tokens);
+/* Runs the last up to max_tokens positions not yet done backward, through every layer;
+ * the forward must be complete. Returns the positions done, or -1. */
+int fl_train_backward(fl_context *ctx, fl_train_sample *t, int max_tokens);
+/* Mean cross-entropy over the sample's label tokens (complete once forwarded). */
+double fl_train_loss(const fl_train_sample *t);
+int fl_train_label_count(const fl_train_sample *t);
+size_t fl_train_arena_bytes(const fl_train_sample *t);
+/* Test hook: overwrite every forward scratch buffer with NaN after each fl_forward,
+ * so a backward that read anything the plan did not keep would turn NaN. */
+void fl_context_poison_scratch(fl_context *ctx, int on);
 
 /* ------------------------------------------------------------ optimizers */
 

@@ -198,6 +198,51 @@ commands.demo = {
   end,
 }
 
+local function human(bytes)
+  local units, i = { "B", "KiB", "MiB", "GiB", "TiB" }, 1
+  while bytes >= 1024 and i < #units do bytes, i = bytes / 1024, i + 1 end
+  return ("%.1f %s"):format(bytes, units[i])
+end
+
+commands["memory-plan"] = {
+  usage = "memory-plan --model DIR|CONFIG.json [--targets q,v|all] [--rank R] [--seq N]\n"
+    .. "         [--remat q,gate_up]",
+  help = "print the activations LoRA training keeps per token, pruned versus keep-everything",
+  spec = { model = "string", targets = "string", rank = "number", seq = "number", remat = "string" },
+  run = function(o)
+    local path = need(o, "model", "memory-plan")
+    if not path:match("%.json$") then path = path .. "/config.json" end
+    local remat = {}
+    for w in (o.remat or ""):gmatch("[^,%s]+") do
+      if w ~= "q" and w ~= "gate_up" then die(("memory-plan: --remat takes q and/or gate_up, got '%s'"):format(w)) end
+      remat[w] = true
+    end
+    local plan, err = flexllm().core.memory_plan(path, { targets = o.targets or "q,v", rank = o.rank,
+      seq = o.seq, remat_q = remat.q, remat_gate_up = remat.gate_up })
+    if not plan then die(err) end
+    local B = 4 -- fp32
+    print(("%s: %d layers, targets %s, rank %d, seq %d, remat %s"):format(path, plan.n_layers,
+      o.targets or "q,v", o.rank or 8, plan.seq, o.remat or "none"))
+    print(("  %-14s %12s   %s"):format("tensor", "bytes/token", "pruned plan"))
+    for _, t in ipairs(plan.tensors) do
+      if t.produced or t.kept or t.in_pool then
+        local where = t.kept and "kept" or t.in_pool and "kept (KV pool)" or "dropped"
+        print(("  %-14s %12d   %s"):format(t.name, t.floats * B, where))
+      end
+    end
+    local pruned = (plan.arena_floats + plan.pool_floats) * B
+    local keep = plan.keep_all_floats * B
+    print(("per token per layer: pruned %s (arena %s + KV %s), keep-everything %s: %.1f%%")
+      :format(human(pruned), human(plan.arena_floats * B), human(plan.pool_floats * B), human(keep),
+        100 * pruned / keep))
+    local L, S = plan.n_layers, plan.seq
+    print(("for %d tokens: pruned %s, keep-everything %s; backward workspace (dK/dV accumulators,"
+      .. " final-hidden gradient) %s; training arena %s")
+      :format(S, human(pruned * L * S), human(keep * L * S), human(plan.workspace_floats * B * S),
+        human(plan.arena_bytes)))
+  end,
+}
+
 local function usage()
   local names = {}
   for k in pairs(commands) do names[#names + 1] = k end

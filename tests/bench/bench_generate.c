@@ -94,7 +94,7 @@ static void run_once(fl_context *ctx, int vocab, int max_batch, int n_seqs, int 
             ps[j] = p;
             want[j] = p == P - 1; /* logits for each prompt's last token */
         }
-        fl_batch b = {n, tok, sq, ps, want};
+        fl_batch b = {.n_tokens = n, .token = tok, .seq = sq, .pos = ps, .logits = want};
         int rows = fl_forward(ctx, &b, logits);
         if (rows < 0) die("prefill fl_forward");
         for (int j = 0, k = 0; j < n; j++)
@@ -109,7 +109,7 @@ static void run_once(fl_context *ctx, int vocab, int max_batch, int n_seqs, int 
             ps[i] = P + d;
             want[i] = 1;
         }
-        fl_batch b = {n_seqs, tok, sq, ps, want};
+        fl_batch b = {.n_tokens = n_seqs, .token = tok, .seq = sq, .pos = ps, .logits = want};
         if (fl_forward(ctx, &b, logits) != n_seqs) die("decode fl_forward");
         for (int i = 0; i < n_seqs; i++) next[i] = argmax(logits + (size_t)i * vocab, vocab);
     }
@@ -139,7 +139,7 @@ static double from_bos_once(fl_context *ctx, int vocab, int bos, int steps, int3
     int32_t tok = bos, pos = 0;
     double start = 0;
     for (int i = 0; i < steps; i++, pos++) {
-        fl_batch b = {1, &tok, &seq, &pos, NULL};
+        fl_batch b = {.n_tokens = 1, .token = &tok, .seq = &seq, .pos = &pos, .logits = NULL};
         if (fl_forward(ctx, &b, logits) != 1) die("from-BOS fl_forward");
         tok = argmax(logits, vocab);
         if (ids) ids[i] = tok;

@@ -36,7 +36,7 @@ static void test_greedy_forward(fl_model *m, const int32_t *expect, int n_expect
     int seq = fl_seq_new(ctx), match = 0;
     int32_t tok = 1, pos = 0;
     for (int i = 0; i < n_expect; i++, pos++) {
-        fl_batch b = {1, &tok, &seq, &pos, NULL};
+        fl_batch b = {.n_tokens = 1, .token = &tok, .seq = &seq, .pos = &pos, .logits = NULL};
         if (fl_forward(ctx, &b, logits) != 1) break;
         tok = argmax(logits, vocab);
         if (tok != expect[i]) break;
@@ -226,7 +226,7 @@ static float *logits_alone(fl_model *m, const int32_t *toks, int n) {
     int8_t all[256];
     int seq = fl_seq_new(ctx);
     for (int i = 0; i < n; i++) seqs[i] = seq, pos[i] = i, all[i] = 1;
-    fl_batch b = {n, toks, seqs, pos, all};
+    fl_batch b = {.n_tokens = n, .token = toks, .seq = seqs, .pos = pos, .logits = all};
     int got = fl_forward(ctx, &b, out);
     fl_context_free(ctx);
     if (got != n) {
@@ -262,7 +262,7 @@ static double max_diff_chunked(fl_model *m, const int32_t *toks, int n, int chun
         for (int j = 0; j < take; j++)
             tk[t] = toks[a_done + j], sq[t] = a_seq, ps[t] = a_done + j, want[t++] = 1;
         if (mixed) tk[t] = 7, sq[t] = b_seq, ps[t] = b_len++, want[t++] = 0;
-        fl_batch b = {t, tk, sq, ps, want};
+        fl_batch b = {.n_tokens = t, .token = tk, .seq = sq, .pos = ps, .logits = want};
         int rows = fl_forward(ctx, &b, out);
         if (rows < 0) {
             worst = INFINITY;
