@@ -37,6 +37,7 @@ struct fl_generator {
     /* per-step buffers */
     int32_t *tok, *seq, *pos;
     int8_t *want;
+    const fl_adapter **adapter; /* [max_batch_tokens] */
     int *row_req;          /* request of each logits row */
     float *logits;         /* [max_batch_tokens, vocab] */
     fl_gen_event *events;
@@ -70,9 +71,10 @@ fl_generator *fl_generator_new(fl_context *ctx, const fl_generator_params *param
     g->seq = fl_malloc(sizeof(int32_t) * T);
     g->pos = fl_malloc(sizeof(int32_t) * T);
     g->want = fl_malloc((size_t)T);
+    g->adapter = fl_malloc(sizeof(*g->adapter) * T);
     g->row_req = fl_malloc(sizeof(int) * T);
     g->logits = fl_malloc(sizeof(float) * (size_t)T * ctx->model->cfg.vocab_size);
-    if (!g->tok || !g->seq || !g->pos || !g->want || !g->row_req || !g->logits) {
+    if (!g->tok || !g->seq || !g->pos || !g->want || !g->adapter || !g->row_req || !g->logits) {
         fl_generator_free(g);
         return NULL;
     }
@@ -99,6 +101,7 @@ void fl_generator_free(fl_generator *g) {
     free(g->seq);
     free(g->pos);
     free(g->want);
+    free(g->adapter);
     free(g->row_req);
     free(g->logits);
     free(g->events);
@@ -181,8 +184,10 @@ static int admit(fl_generator *g, request *r) {
     return 1;
 }
 
-static void push(fl_generator *g, int *n, int32_t tok, int seq, int pos, int want) {
+static void push(fl_generator *g, int *n, const request *r, int32_t tok, int pos, int want) {
     g->tok[*n] = tok;
+    g->adapter[*n] = r->p.adapter;
+    int seq = r->seq;
     g->seq[*n] = seq;
     g->pos[*n] = pos;
     g->want[*n] = (int8_t)want;
@@ -195,7 +200,7 @@ static int build_batch(fl_generator *g, int *n_rows) {
     for (int i = 0; i < g->n_reqs && n < T; i++) {
         request *r = &g->reqs[i];
         if (r->state != REQ_RUNNING || r->n_prefilled < r->n_prompt) continue;
-        push(g, &n, r->last_token, r->seq, r->n_prompt + r->n_generated - 1, 1);
+        push(g, &n, r, r->last_token, r->n_prompt + r->n_generated - 1, 1);
         g->row_req[rows++] = i;
     }
     for (int i = 0; i < g->n_reqs && n < T; i++) {
@@ -209,7 +214,7 @@ static int build_batch(fl_generator *g, int *n_rows) {
         for (int j = 0; j < chunk; j++) {
             int p = r->n_prefilled + j;
             int last = p == r->n_prompt - 1;
-            push(g, &n, r->prompt[p], r->seq, p, last);
+            push(g, &n, r, r->prompt[p], p, last);
             if (last) g->row_req[rows++] = i;
         }
         r->n_prefilled += chunk;
@@ -344,7 +349,8 @@ int fl_generator_step(fl_generator *g, const fl_gen_event **events) {
     *events = NULL;
     int n = build_batch(g, &n_rows);
     if (n == 0) return 0;
-    fl_batch b = {.n_tokens = n, .token = g->tok, .seq = g->seq, .pos = g->pos, .logits = g->want};
+    fl_batch b = {.n_tokens = n, .token = g->tok, .seq = g->seq, .pos = g->pos, .logits = g->want,
+                  .adapter = g->adapter};
     if (fl_forward(g->ctx, &b, g->logits) != n_rows) return fl_error_prefix("generator step");
     int vocab = g->ctx->model->cfg.vocab_size;
     for (int row = 0; row < n_rows; row++) {

@@ -13,6 +13,8 @@
 #define TOK_MT "flexllm.tokenizer"
 #define CTX_MT "flexllm.context"
 #define GEN_MT "flexllm.generator"
+#define ADAPTER_MT "flexllm.adapter"
+#define JOB_MT "flexllm.finetune"
 
 typedef struct {
     void *ptr;
@@ -69,6 +71,15 @@ static double opt_num(lua_State *L, int idx, const char *k, double def) {
         v = lua_tonumber(L, -1);
     }
     lua_pop(L, 1);
+    return v;
+}
+
+static const char *opt_str(lua_State *L, int idx, const char *k, const char *def) {
+    if (lua_isnoneornil(L, idx)) return def;
+    lua_getfield(L, idx, k);
+    const char *v = lua_isnil(L, -1) ? def : lua_tostring(L, -1);
+    if (!lua_isnil(L, -1) && !v) luaL_error(L, "option '%s' must be a string", k);
+    lua_pop(L, 1); /* the string stays alive in the options table */
     return v;
 }
 
@@ -184,6 +195,29 @@ static int l_model_context(lua_State *L) {
     fl_context *ctx = fl_context_new(m, &p);
     if (!ctx) return fail(L);
     new_handle(L, CTX_MT, ctx, 1, 1);
+    return 1;
+}
+
+/* model:load_adapter(dir): a PEFT adapter for generation (kept alive by its users). */
+static int l_model_load_adapter(lua_State *L) {
+    fl_model *m = check(L, 1, MODEL_MT);
+    fl_adapter *a = fl_adapter_load(m, luaL_checkstring(L, 2));
+    if (!a) return fail(L);
+    new_handle(L, ADAPTER_MT, a, 1, 1);
+    return 1;
+}
+
+static int l_adapter_gc(lua_State *L) {
+    handle *h = luaL_checkudata(L, 1, ADAPTER_MT);
+    if (h->ptr && h->owned) fl_adapter_free(h->ptr);
+    h->ptr = NULL;
+    return 0;
+}
+
+static int l_adapter_save(lua_State *L) {
+    const fl_adapter *a = check(L, 1, ADAPTER_MT);
+    if (fl_adapter_save(a, luaL_checkstring(L, 2), luaL_optstring(L, 3, "")) != 0) return fail(L);
+    lua_pushboolean(L, 1);
     return 1;
 }
 
@@ -364,6 +398,11 @@ static int l_gen_add(lua_State *L) {
     p.sampling.top_p = (float)opt_num(L, 3, "top_p", p.sampling.top_p);
     p.sampling.seed = (uint64_t)opt_num(L, 3, "seed", 0);
     p.ignore_eos = opt_bool(L, 3, "ignore_eos", 0);
+    if (!lua_isnoneornil(L, 3)) {
+        lua_getfield(L, 3, "adapter");
+        if (!lua_isnil(L, -1)) p.adapter = check(L, -1, ADAPTER_MT);
+        lua_pop(L, 1); /* the caller keeps the adapter alive while the request runs */
+    }
     const char *stops[16];
     if (!lua_isnoneornil(L, 3)) {
         lua_getfield(L, 3, "stop");
@@ -428,6 +467,99 @@ static int l_gen_step(lua_State *L) {
 
 static int l_gen_active(lua_State *L) {
     lua_pushinteger(L, fl_generator_active(check(L, 1, GEN_MT)));
+    return 1;
+}
+
+/* -------------------------------------------------------------- finetuning */
+
+static int parse_optim(lua_State *L, int idx, fl_optim_params *o) {
+    const char *kind = opt_str(L, idx, "optimizer", "adamw");
+    if (strcmp(kind, "adamw") == 0) o->kind = FL_OPT_ADAMW;
+    else if (strcmp(kind, "sgd") == 0) o->kind = FL_OPT_SGD;
+    else return luaL_error(L, "option 'optimizer' must be \"adamw\" or \"sgd\", got \"%s\"", kind);
+    const char *sched = opt_str(L, idx, "schedule", "constant");
+    if (strcmp(sched, "constant") == 0) o->schedule = FL_SCHEDULE_CONSTANT;
+    else if (strcmp(sched, "cosine") == 0) o->schedule = FL_SCHEDULE_COSINE;
+    else return luaL_error(L, "option 'schedule' must be \"constant\" or \"cosine\", got \"%s\"", sched);
+    o->lr = (float)opt_num(L, idx, "lr", o->lr);
+    o->weight_decay = (float)opt_num(L, idx, "weight_decay", o->weight_decay);
+    o->momentum = (float)opt_num(L, idx, "momentum", o->momentum);
+    o->clip_norm = (float)opt_num(L, idx, "clip", o->clip_norm);
+    o->warmup_steps = opt_int(L, idx, "warmup", o->warmup_steps);
+    o->min_lr_ratio = (float)opt_num(L, idx, "min_lr_ratio", o->min_lr_ratio);
+    return 0;
+}
+
+/* ctx:finetune{data=, out=, targets=, rank=, alpha=, dropout=, lr=, epochs=, seq_len=,
+ * chunk=, grad_accum=, seed=, checkpoint_every=, max_steps=, resume=, ...} */
+static int l_ctx_finetune(lua_State *L) {
+    fl_context *ctx = check(L, 1, CTX_MT);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    fl_finetune_params p = fl_finetune_default_params();
+    p.data = opt_str(L, 2, "data", NULL);
+    p.out = opt_str(L, 2, "out", NULL);
+    p.base_model_name = opt_str(L, 2, "base_model", NULL);
+    const char *targets = opt_str(L, 2, "targets", NULL);
+    if (targets && fl_lora_parse_targets(targets, &p.lora.targets) != 0) return fail(L);
+    p.lora.rank = opt_int(L, 2, "rank", p.lora.rank);
+    p.lora.alpha = (float)opt_num(L, 2, "alpha", p.lora.alpha);
+    p.lora.dropout = (float)opt_num(L, 2, "dropout", p.lora.dropout);
+    parse_optim(L, 2, &p.optim);
+    p.dataset.max_len = opt_int(L, 2, "seq_len", p.dataset.max_len);
+    p.epochs = opt_int(L, 2, "epochs", p.epochs);
+    p.grad_accum = opt_int(L, 2, "grad_accum", p.grad_accum);
+    p.chunk = opt_int(L, 2, "chunk", p.chunk);
+    p.seed = (uint64_t)opt_num(L, 2, "seed", 0);
+    p.checkpoint_every = opt_int(L, 2, "checkpoint_every", p.checkpoint_every);
+    p.max_steps = opt_int(L, 2, "max_steps", p.max_steps);
+    p.resume = opt_bool(L, 2, "resume", 0);
+    p.train.remat_q = opt_bool(L, 2, "remat_q", 0);
+    p.train.remat_gate_up = opt_bool(L, 2, "remat_gate_up", 0);
+    fl_finetune *job = fl_finetune_new(ctx, &p);
+    if (!job) return fail(L);
+    new_handle(L, JOB_MT, job, 1, 1);
+    return 1;
+}
+
+static int l_job_gc(lua_State *L) {
+    handle *h = luaL_checkudata(L, 1, JOB_MT);
+    if (h->ptr) fl_finetune_free(h->ptr);
+    h->ptr = NULL;
+    return 0;
+}
+
+/* job:step(max_tokens) -> true while running, false when done; nil, message on error. */
+static int l_job_step(lua_State *L) {
+    int rc = fl_finetune_step(check(L, 1, JOB_MT), (int)luaL_optinteger(L, 2, 128));
+    if (rc < 0) return fail(L);
+    lua_pushboolean(L, rc == 1);
+    return 1;
+}
+
+static int l_job_progress(lua_State *L) {
+    fl_finetune_progress p;
+    fl_finetune_get_progress(check(L, 1, JOB_MT), &p);
+    lua_createtable(L, 0, 10);
+#define SETN(k, v) (lua_pushnumber(L, (double)(v)), lua_setfield(L, -2, k))
+    SETN("step", p.step);
+    SETN("total_steps", p.total_steps);
+    SETN("epoch", p.epoch);
+    SETN("epochs", p.epochs);
+    SETN("samples", p.samples_done);
+    SETN("loss", p.loss);
+    SETN("lr", p.lr);
+    SETN("grad_norm", p.grad_norm);
+    SETN("tokens", p.tokens);
+#undef SETN
+    lua_pushboolean(L, p.done);
+    lua_setfield(L, -2, "done");
+    return 1;
+}
+
+/* job:adapter(): the adapter being trained (live weights), for generation. */
+static int l_job_adapter(lua_State *L) {
+    fl_finetune *job = check(L, 1, JOB_MT);
+    new_handle(L, ADAPTER_MT, fl_finetune_adapter(job), 0, 1);
     return 1;
 }
 
@@ -523,12 +655,13 @@ static void def_class(lua_State *L, const char *name, const luaL_Reg *methods, l
 int luaopen_flexllm_core(lua_State *L) {
     static const luaL_Reg model_m[] = {{"config", l_model_config}, {"n_params", l_model_n_params},
                                        {"tokenizer", l_model_tokenizer}, {"context", l_model_context},
+                                       {"load_adapter", l_model_load_adapter},
                                        {NULL, NULL}};
     static const luaL_Reg tok_m[] = {{"encode", l_tok_encode}, {"decode", l_tok_decode},
                                      {"info", l_tok_info}, {"token_text", l_tok_token_text},
                                      {NULL, NULL}};
     static const luaL_Reg ctx_m[] = {{"generator", l_ctx_generator}, {"kv_pages", l_ctx_kv_pages},
-                                     {"logits", l_ctx_logits},
+                                     {"logits", l_ctx_logits}, {"finetune", l_ctx_finetune},
                                      {NULL, NULL}};
     static const luaL_Reg gen_m[] = {{"add", l_gen_add}, {"step", l_gen_step},
                                      {"active", l_gen_active}, {NULL, NULL}};
@@ -541,6 +674,11 @@ int luaopen_flexllm_core(lua_State *L) {
     def_class(L, TOK_MT, tok_m, l_tok_gc);
     def_class(L, CTX_MT, ctx_m, l_ctx_gc);
     def_class(L, GEN_MT, gen_m, l_gen_gc);
+    static const luaL_Reg adapter_m[] = {{"save", l_adapter_save}, {NULL, NULL}};
+    static const luaL_Reg job_m[] = {{"step", l_job_step}, {"progress", l_job_progress},
+                                     {"adapter", l_job_adapter}, {NULL, NULL}};
+    def_class(L, ADAPTER_MT, adapter_m, l_adapter_gc);
+    def_class(L, JOB_MT, job_m, l_job_gc);
     lua_newtable(L);
     luaL_register(L, NULL, funcs);
     lua_pushstring(L, FL_VERSION);

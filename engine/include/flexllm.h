@@ -193,6 +193,7 @@ typedef enum { FL_FINISH_NONE = 0, FL_FINISH_LENGTH, FL_FINISH_EOS, FL_FINISH_ST
 
 typedef struct {
     int max_tokens;
+    const fl_adapter *adapter; /* LoRA to generate with, or NULL */
     fl_sampling_params sampling;
     const char *const *stop; /* stop strings (copied) */
     int n_stop;
@@ -417,6 +418,58 @@ int fl_optimizer_steps(const fl_optimizer *opt);
 /* State for checkpoints: step count, then the moment buffers. */
 int fl_optimizer_save(const fl_optimizer *opt, const char *path);
 int fl_optimizer_load(fl_optimizer *opt, const char *path);
+
+/* ----------------------------------------------------------- finetuning jobs
+ * A job trains one adapter on a dataset, token by token: each fl_finetune_step runs
+ * up to a budget of forward or backward positions of its current sample, steps the
+ * optimizer every grad_accum samples, and checkpoints every checkpoint_every steps. */
+
+typedef struct {
+    const char *data;         /* dataset file (see fl_dataset_load) */
+    const char *out;          /* output folder: adapter, checkpoints */
+    const char *base_model_name; /* recorded in adapter_config.json */
+    fl_lora_params lora;
+    fl_optim_params optim;
+    fl_dataset_params dataset;
+    fl_train_params train;    /* remat choices (dropout_step is the job's) */
+    int epochs;
+    int grad_accum;           /* samples per optimizer step (their mean) */
+    int chunk;                /* most positions per forward or backward piece */
+    uint64_t seed;            /* shuffling, adapter init */
+    int checkpoint_every;     /* optimizer steps; 0: only at the end */
+    int max_steps;            /* 0: every epoch to the end */
+    int resume;               /* continue from out/checkpoint.json when present */
+} fl_finetune_params;
+
+fl_finetune_params fl_finetune_default_params(void);
+
+typedef struct {
+    int step, total_steps, epoch, epochs;
+    int samples_done;          /* samples through forward and backward */
+    double loss;               /* mean loss of the last optimizer step's samples */
+    float lr, grad_norm;
+    long long tokens;          /* forward positions of finetuning, in total */
+    int done;
+} fl_finetune_progress;
+
+typedef struct fl_finetune fl_finetune;
+
+/* Loads the dataset (a bad line fails here, naming file and line), makes the adapter
+ * (or restores it, the optimizer and the position from the last checkpoint). */
+fl_finetune *fl_finetune_new(fl_context *ctx, const fl_finetune_params *params);
+void fl_finetune_free(fl_finetune *job);
+/* Runs up to max_tokens positions. Returns 1 while work remains, 0 when done (the
+ * final adapter written to out), -1 on error (a NaN/inf loss or gradient stops the
+ * job; the last checkpoint stays as it was). */
+int fl_finetune_step(fl_finetune *job, int max_tokens);
+void fl_finetune_get_progress(const fl_finetune *job, fl_finetune_progress *p);
+fl_adapter *fl_finetune_adapter(fl_finetune *job);
+/* Writes a checkpoint now (adapter, optimizer, position), atomically. */
+int fl_finetune_checkpoint(fl_finetune *job);
+
+/* Mean loss of samples [first, first+count) of a dataset with an adapter (or none). */
+double fl_evaluate(fl_context *ctx, fl_adapter *adapter, const fl_dataset *ds, int first,
+                   int count);
 
 #ifdef __cplusplus
 }

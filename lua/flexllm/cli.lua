@@ -198,6 +198,78 @@ commands.demo = {
   end,
 }
 
+local function duration(s)
+  if s ~= s or s == math.huge then return "?" end
+  s = math.floor(s + 0.5)
+  if s >= 3600 then return ("%dh%02dm"):format(math.floor(s / 3600), math.floor(s % 3600 / 60)) end
+  if s >= 60 then return ("%dm%02ds"):format(math.floor(s / 60), s % 60) end
+  return ("%ds"):format(s)
+end
+
+commands.finetune = {
+  usage = "finetune --model DIR --data FILE --out DIR [--targets q,v|all] [--rank R] [--alpha A]\n"
+    .. "         [--dropout P] [--lr LR] [--epochs N] [--seq-len N] [--chunk N] [--grad-accum N]\n"
+    .. "         [--optimizer adamw|sgd] [--schedule constant|cosine] [--warmup N] [--clip C]\n"
+    .. "         [--weight-decay W] [--seed S] [--checkpoint-every N] [--max-steps N] [--resume]\n"
+    .. "         [--remat q,gate_up] [--threads N]",
+  help = "train a LoRA adapter (PEFT format) on text or JSONL, with checkpoints and --resume",
+  spec = { model = "string", data = "string", out = "string", targets = "string", rank = "number",
+           alpha = "number", dropout = "number", lr = "number", epochs = "number",
+           ["seq-len"] = "number", chunk = "number", ["grad-accum"] = "number",
+           optimizer = "string", schedule = "string", warmup = "number", clip = "number",
+           ["weight-decay"] = "number", seed = "number", ["checkpoint-every"] = "number",
+           ["max-steps"] = "number", resume = "flag", remat = "string", threads = "number" },
+  run = function(o)
+    local fl = flexllm()
+    local dir = need(o, "model", "finetune")
+    local model = load_model(dir, o.threads)
+    local remat = {}
+    for w in (o.remat or ""):gmatch("[^,%s]+") do remat[w] = true end
+    local ctx = assert(model:context({ max_batch_tokens = math.max(o.chunk or 128, 16) }))
+    local job, err = ctx:finetune({
+      data = need(o, "data", "finetune"), out = need(o, "out", "finetune"), base_model = dir,
+      targets = o.targets, rank = o.rank, alpha = o.alpha, dropout = o.dropout, lr = o.lr,
+      epochs = o.epochs, seq_len = o.seq_len, chunk = o.chunk, grad_accum = o.grad_accum,
+      optimizer = o.optimizer, schedule = o.schedule, warmup = o.warmup, clip = o.clip,
+      weight_decay = o.weight_decay, seed = o.seed, checkpoint_every = o.checkpoint_every,
+      max_steps = o.max_steps, resume = o.resume, remat_q = remat.q, remat_gate_up = remat.gate_up })
+    if not job then die(err) end
+    local tty = os.getenv("TERM") and io.stderr and os.execute("test -t 2") == 0
+    local p0 = job:progress()
+    local t0, first_loss, last_print = fl.now(), nil, -1
+    local function report(p, final)
+      local dt = fl.now() - t0
+      local tps = (p.tokens - p0.tokens) / math.max(dt, 1e-9)
+      local frac = p.total_steps > 0 and p.step / p.total_steps or 1
+      local width = 24
+      local bar = ("#"):rep(math.floor(frac * width)) .. ("."):rep(width - math.floor(frac * width))
+      local eta = (p.step > p0.step) and dt / (p.step - p0.step) * (p.total_steps - p.step) or 0 / 0
+      local line = ("step %d/%d [%s] loss %.4f lr %.2e %.0f tok/s ETA %s"):format(p.step,
+        p.total_steps, bar, p.loss, p.lr, tps, final and "0s" or duration(eta))
+      if tty then io.stderr:write("\r", line, final and "\n" or "") else io.stderr:write(line, "\n") end
+      io.stderr:flush()
+    end
+    while true do
+      local running, serr = job:step(o.chunk or 128)
+      if running == nil then
+        if tty then io.stderr:write("\n") end
+        die(serr)
+      end
+      local p = job:progress()
+      if p.step > 0 and not first_loss then first_loss = p.loss end
+      local every = tty and 1 or math.max(1, math.floor(p.total_steps / 20))
+      if p.step ~= last_print and (p.step % every == 0 or not running) then
+        report(p, not running)
+        last_print = p.step
+      end
+      if not running then break end
+    end
+    local p = job:progress()
+    print(("finetuned %d steps (%d samples, %d tokens): loss %.4f -> %.4f; adapter in %s")
+      :format(p.step, p.samples, p.tokens, first_loss or p.loss, p.loss, o.out))
+  end,
+}
+
 local function human(bytes)
   local units, i = { "B", "KiB", "MiB", "GiB", "TiB" }, 1
   while bytes >= 1024 and i < #units do bytes, i = bytes / 1024, i + 1 end

@@ -30,6 +30,9 @@ function Model:encode(text, opts) return self.tok:encode(text, opts) end
 
 function Model:decode(ids, opts) return self.tok:decode(ids, opts) end
 
+-- Loads a PEFT LoRA adapter folder for generation (opts.adapter of generate).
+function Model:load_adapter(dir) return self.handle:load_adapter(dir) end
+
 -- The context is made on first use; opts as for core context (kv_pages, max_batch_tokens, max_seqs).
 function Model:context(opts)
   if not self.ctx or opts then
