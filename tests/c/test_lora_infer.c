@@ -17,7 +17,7 @@ static const char *proj_name(int t) {
 
 /* Writes dst/ as src/ with every LoRA target of a merged into its weight. */
 static int write_merged(const char *src, const char *dst, const fl_adapter *a) {
-    char cmd[16384], path[4400];
+    char cmd[32768], path[4400];
     snprintf(cmd, sizeof cmd, "rm -rf '%s' && mkdir -p '%s' && cp '%s'/config.json '%s'/tokenizer*.json '%s'/",
              dst, dst, src, src, dst);
     if (system(cmd) != 0) return -1;
