@@ -39,10 +39,6 @@ fl_finetune_params fl_finetune_default_params(void) {
     return p;
 }
 
-static int make_dir(const char *path) {
-    if (mkdir(path, 0755) == 0 || errno == EEXIST) return 0;
-    return fl_error("%s: cannot create folder: %s", path, strerror(errno));
-}
 
 static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
 
@@ -90,7 +86,7 @@ int fl_finetune_checkpoint(fl_finetune *j) {
     char name[64], dir[4096], path[4200];
     snprintf(name, sizeof name, "checkpoint-%d", j->prog.step);
     snprintf(dir, sizeof dir, "%s/%s", j->out, name);
-    if (make_dir(j->out) || make_dir(dir) ||
+    if (fl_make_dirs(j->out) || fl_make_dirs(dir) ||
         fl_adapter_save(j->adapter, dir, j->base_name ? j->base_name : "") != 0)
         return -1;
     snprintf(path, sizeof path, "%s/optimizer.safetensors", dir);
@@ -228,7 +224,7 @@ void fl_finetune_free(fl_finetune *j) {
 }
 
 static int finish(fl_finetune *j) {
-    if (make_dir(j->out) != 0 ||
+    if (fl_make_dirs(j->out) != 0 ||
         fl_adapter_save(j->adapter, j->out, j->base_name ? j->base_name : "") != 0)
         return -1;
     if (j->last_checkpoint != j->prog.step && fl_finetune_checkpoint(j) != 0) return -1;

@@ -22,6 +22,8 @@ int fl_write_file_atomic(const char *path, const void *data, size_t len);
 /* dir + "/" + name into out; -1 if it does not fit. */
 int fl_path_join(char *out, size_t cap, const char *dir, const char *name);
 int fl_file_exists(const char *path);
+/* mkdir -p: creates dir and its missing parents. */
+int fl_make_dirs(const char *dir);
 
 /* IEEE half and bfloat16 to float. */
 float fl_f16_to_f32(uint16_t h);

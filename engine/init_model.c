@@ -108,26 +108,6 @@ static int check_params(const fl_init_model_params *p) {
     return 0;
 }
 
-/* mkdir -p. */
-static int make_dirs(const char *dir) {
-    char buf[4096];
-    if (snprintf(buf, sizeof buf, "%s", dir) >= (int)sizeof buf)
-        return fl_error("%s: path too long", dir);
-    for (char *p = buf + 1;; p++) {
-        if (*p != '/' && *p != 0) continue;
-        char c = *p;
-        *p = 0;
-        if (mkdir(buf, 0777) != 0 && errno != EEXIST)
-            return fl_error("%s: cannot create directory: %s", buf, strerror(errno));
-        *p = c;
-        if (!c) break;
-    }
-    struct stat st;
-    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
-        return fl_error("%s: not a directory", dir);
-    return 0;
-}
-
 /* Writes a cJSON tree (then freed) to dir/name atomically. */
 static int write_json(const char *dir, const char *name, cJSON *root) {
     char path[4096];
@@ -444,7 +424,7 @@ static int write_weights(const char *dir, const fl_init_model_params *p) {
 int fl_init_model(const char *dir, const fl_init_model_params *params) {
     fl_init_model_params p = params ? *params : fl_init_model_default_params();
     /* config.json last: a folder that has one holds a complete model. */
-    if (check_params(&p) || make_dirs(dir) || write_weights(dir, &p) || write_tokenizer(dir, &p) ||
+    if (check_params(&p) || fl_make_dirs(dir) || write_weights(dir, &p) || write_tokenizer(dir, &p) ||
         write_config(dir, &p))
         return fl_error_prefix("init-model %s", dir);
     return 0;

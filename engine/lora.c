@@ -203,27 +203,6 @@ float fl_lora_dropout(const fl_adapter *a, uint64_t step, int layer, fl_lora_tar
 
 /* ----------------------------------------------------------------- saving */
 
-/* mkdir -p. */
-static int make_dirs(const char *dir) {
-    char buf[4096];
-    if (!*dir) return fl_error("empty folder name");
-    if (snprintf(buf, sizeof buf, "%s", dir) >= (int)sizeof buf)
-        return fl_error("%s: path too long", dir);
-    for (char *p = buf + 1;; p++) {
-        if (*p != '/' && *p != 0) continue;
-        char c = *p;
-        *p = 0;
-        if (mkdir(buf, 0777) != 0 && errno != EEXIST)
-            return fl_error("%s: cannot create directory: %s", buf, strerror(errno));
-        *p = c;
-        if (!c) break;
-    }
-    struct stat st;
-    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
-        return fl_error("%s: not a directory", dir);
-    return 0;
-}
-
 /* PEFT's name of one A or B weight (without the ".default" infix). */
 static void tensor_name(char *out, size_t cap, int layer, int t, int is_b) {
     snprintf(out, cap, PREFIX "%d.%s.%s.lora_%c.weight", layer,
@@ -318,7 +297,7 @@ static int save_weights(const fl_adapter *a, const char *dir) {
 int fl_adapter_save(const fl_adapter *a, const char *dir, const char *base_model_name) {
     if (!a || !dir) return fl_error("saving a LoRA adapter: no adapter or folder given");
     /* The config last: a folder that has one holds a complete adapter. */
-    if (make_dirs(dir) || save_weights(a, dir) || save_config(a, dir, base_model_name))
+    if (fl_make_dirs(dir) || save_weights(a, dir) || save_config(a, dir, base_model_name))
         return fl_error_prefix("saving LoRA adapter %s", dir);
     return 0;
 }

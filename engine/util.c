@@ -110,6 +110,26 @@ int fl_path_join(char *out, size_t cap, const char *dir, const char *name) {
     return 0;
 }
 
+int fl_make_dirs(const char *dir) {
+    char buf[4096];
+    if (!*dir) return fl_error("empty folder name");
+    if (snprintf(buf, sizeof buf, "%s", dir) >= (int)sizeof buf)
+        return fl_error("%s: path too long", dir);
+    for (char *p = buf + 1;; p++) {
+        if (*p != '/' && *p != 0) continue;
+        char c = *p;
+        *p = 0;
+        if (mkdir(buf, 0777) != 0 && errno != EEXIST)
+            return fl_error("%s: cannot create directory: %s", buf, strerror(errno));
+        *p = c;
+        if (!c) break;
+    }
+    struct stat st;
+    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
+        return fl_error("%s: not a directory", dir);
+    return 0;
+}
+
 int fl_file_exists(const char *path) {
     struct stat st;
     return stat(path, &st) == 0;
