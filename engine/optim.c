@@ -4,7 +4,6 @@
 #include "fl_internal.h"
 #include "safetensors.h"
 
-#include <cjson/cJSON.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -204,53 +203,27 @@ int fl_optimizer_save(const fl_optimizer *opt, const char *path) {
                        (int)(sizeof keys / sizeof *keys));
 }
 
-/* The __metadata__ object of a safetensors file fl_st_open has already validated. */
-static cJSON *read_metadata(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        fl_error("%s: cannot open: %s", path, strerror(errno));
-        return NULL;
-    }
-    unsigned char len8[8];
-    uint64_t hlen = 0;
-    int ok = fread(len8, 1, 8, f) == 8;
-    for (int i = 0; i < 8; i++) hlen |= (uint64_t)len8[i] << (8 * i);
-    char *header = ok && hlen < (64u << 20) ? malloc(hlen + 1) : NULL;
-    ok = header && fread(header, 1, hlen, f) == hlen;
-    fclose(f);
-    cJSON *root = ok ? cJSON_ParseWithLength(header, hlen) : NULL;
-    free(header);
-    cJSON *meta = cJSON_DetachItemFromObjectCaseSensitive(root, "__metadata__");
-    cJSON_Delete(root);
-    if (!cJSON_IsObject(meta)) {
-        cJSON_Delete(meta);
-        fl_error("%s: not an optimizer state (no metadata)", path);
-        return NULL;
-    }
-    return meta;
-}
-
-static const char *meta_str(const cJSON *meta, const char *key) {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(meta, key);
-    return cJSON_IsString(v) ? v->valuestring : "";
+static const char *meta_str(const fl_st_set *set, const char *key) {
+    const char *v = fl_st_metadata(set, key);
+    return v ? v : "";
 }
 
 /* Checks the file against this optimizer: format, kind, sizes; the step count out. */
-static int check_state(const fl_optimizer *opt, const char *path, const cJSON *meta,
-                       const fl_st_set *set, int *step) {
-    if (strcmp(meta_str(meta, "format"), "flexllm-optimizer"))
-        return fl_error("%s: not an optimizer state (format '%s')", path, meta_str(meta, "format"));
-    const char *kind = meta_str(meta, "kind");
+static int check_state(const fl_optimizer *opt, const char *path, const fl_st_set *set,
+                       int *step) {
+    if (strcmp(meta_str(set, "format"), "flexllm-optimizer"))
+        return fl_error("%s: not an optimizer state (format '%s')", path, meta_str(set, "format"));
+    const char *kind = meta_str(set, "kind");
     if (strcmp(kind, kind_name(opt->p.kind)))
         return fl_error("%s: optimizer kind '%s', this optimizer is %s", path, kind,
                         kind_name(opt->p.kind));
     char *end;
-    const char *s = meta_str(meta, "n_params");
+    const char *s = meta_str(set, "n_params");
     errno = 0;
     unsigned long long n = strtoull(s, &end, 10);
     if (!*s || *end || errno || n != opt->n)
         return fl_error("%s: state for %s parameters, this optimizer has %zu", path, s, opt->n);
-    s = meta_str(meta, "step");
+    s = meta_str(set, "step");
     long st = strtol(s, &end, 10);
     if (!*s || *end || st < 0 || st > INT32_MAX)
         return fl_error("%s: bad step count '%s'", path, s);
@@ -269,16 +242,14 @@ static int check_state(const fl_optimizer *opt, const char *path, const cJSON *m
 int fl_optimizer_load(fl_optimizer *opt, const char *path) {
     fl_st_set *set = fl_st_open(path);
     if (!set) return -1;
-    cJSON *meta = read_metadata(path);
     int step = 0;
-    int rc = meta ? check_state(opt, path, meta, set, &step) : -1;
+    int rc = check_state(opt, path, set, &step);
     if (!rc) {
         fl_st_to_f32(fl_st_find(set, opt->p.kind == FL_OPT_SGD ? "momentum_buffer" : "exp_avg"),
                      opt->m);
         if (opt->v) fl_st_to_f32(fl_st_find(set, "exp_avg_sq"), opt->v);
         opt->step = step;
     }
-    cJSON_Delete(meta);
     fl_st_close(set);
     return rc;
 }

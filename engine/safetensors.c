@@ -28,6 +28,7 @@ typedef struct {
     void *map;
     size_t size;
     char *names; /* this file's tensor names, back to back */
+    cJSON *meta; /* its __metadata__ object (all values strings), or NULL */
 } st_file;
 
 struct fl_st_set {
@@ -228,6 +229,7 @@ static int add_header_tensors(fl_st_set *set, st_file *f, const cJSON *root, con
     cJSON_ArrayForEach(e, root) {
         if (!strcmp(e->string, "__metadata__")) {
             if (check_metadata(f->path, e)) return -1;
+            if (!(f->meta = cJSON_Duplicate(e, 1))) return fl_error("out of memory");
             continue;
         }
         count++;
@@ -462,6 +464,7 @@ void fl_st_close(fl_st_set *set) {
         if (set->files[i].map) munmap(set->files[i].map, set->files[i].size);
         free(set->files[i].names);
         free(set->files[i].path);
+        cJSON_Delete(set->files[i].meta);
     }
     free(set->files);
     free(set->tensors);
@@ -470,6 +473,14 @@ void fl_st_close(fl_st_set *set) {
 }
 
 int fl_st_count(const fl_st_set *set) { return set->n; }
+
+const char *fl_st_metadata(const fl_st_set *set, const char *key) {
+    for (int i = 0; i < set->n_files; i++) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(set->files[i].meta, key);
+        if (cJSON_IsString(v)) return v->valuestring;
+    }
+    return NULL;
+}
 
 const fl_st_tensor *fl_st_at(const fl_st_set *set, int i) {
     return i >= 0 && i < set->n ? &set->tensors[i] : NULL;

@@ -34,6 +34,8 @@ int fl_st_count(const fl_st_set *set);
 const fl_st_tensor *fl_st_at(const fl_st_set *set, int i);
 /* NULL when absent (no error set). */
 const fl_st_tensor *fl_st_find(const fl_st_set *set, const char *name);
+/* A value of the files' __metadata__, or NULL when no file has the key. */
+const char *fl_st_metadata(const fl_st_set *set, const char *key);
 /* Path used in messages: the index file when sharded, else the file. */
 const char *fl_st_source(const fl_st_set *set);
 
