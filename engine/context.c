@@ -110,6 +110,7 @@ fl_context *fl_context_new(const fl_model *m, const fl_context_params *params) {
 
 void fl_context_free(fl_context *ctx) {
     if (!ctx) return;
+    fl_train_release(ctx);
     if (ctx->seqs)
         for (int i = 0; i < ctx->params.max_seqs; i++) free(ctx->seqs[i].pages);
     free(ctx->seqs);

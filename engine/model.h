@@ -84,6 +84,11 @@ struct fl_context {
     fl_seq *seqs;          /* [max_seqs] */
     fl_scratch s;
     int poison;            /* fill scratch with NaN after each forward (tests) */
+    /* Memory finished finetuning samples gave back, for the next ones: a fresh
+     * allocation of this size costs its page faults again on every sample. */
+    void *spare_arena;
+    size_t spare_bytes;
+    struct fl_bwd_cache *bwd; /* train.c's backward buffers */
 };
 
 /* The KV pool slice of one layer. */

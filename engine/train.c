@@ -36,7 +36,15 @@ fl_train_sample *fl_train_begin(fl_context *ctx, fl_adapter *adapter, const fl_s
     t->tokens = fl_malloc(sizeof(int32_t) * t->n);
     t->labels = fl_malloc(sizeof(int32_t) * t->n);
     t->arena_bytes = fl_plan_arena_bytes(&t->plan, t->n);
-    t->arena = fl_malloc(t->arena_bytes);
+    if (ctx->spare_arena && ctx->spare_bytes >= t->arena_bytes) {
+        t->arena = ctx->spare_arena;
+        t->arena_cap = ctx->spare_bytes;
+        ctx->spare_arena = NULL;
+        ctx->spare_bytes = 0;
+    } else {
+        t->arena = fl_malloc(t->arena_bytes);
+        t->arena_cap = t->arena_bytes;
+    }
     if (!t->tokens || !t->labels || !t->arena) goto fail;
     memcpy(t->tokens, sample->tokens, sizeof(int32_t) * t->n);
     memcpy(t->labels, sample->labels, sizeof(int32_t) * t->n);
@@ -72,7 +80,13 @@ void fl_train_end(fl_context *ctx, fl_train_sample *t) {
     }
     free(t->tokens);
     free(t->labels);
-    free(t->arena);
+    if (t->arena && t->arena_cap > ctx->spare_bytes) { /* keep the larger block */
+        free(ctx->spare_arena);
+        ctx->spare_arena = t->arena;
+        ctx->spare_bytes = t->arena_cap;
+    } else {
+        free(t->arena);
+    }
     free(t);
 }
 
@@ -324,6 +338,37 @@ static void layer_backward(fl_context *ctx, fl_train_sample *t, int l, bwd_bufs 
     fl_cpu_rmsnorm_backward(b->dx, b->dxn, b->x, b->rinv, L->attn_norm, m, D);
 }
 
+struct fl_bwd_cache {
+    bwd_bufs b;
+    int rows, rank;
+};
+
+/* The context's backward buffers, grown to m rows and the rank when needed. */
+static bwd_bufs *backward_buffers(fl_context *ctx, int m, int rank) {
+    struct fl_bwd_cache *c = ctx->bwd;
+    if (c && c->rows >= m && c->rank >= rank) return &c->b;
+    int rows = c && c->rows > m ? c->rows : m, r = c && c->rank > rank ? c->rank : rank;
+    if (c) free_bufs(&c->b);
+    else if (!(c = ctx->bwd = fl_calloc(1, sizeof *c))) return NULL;
+    if (alloc_bufs(&c->b, ctx->model, rows, r) != 0) {
+        free(c);
+        ctx->bwd = NULL;
+        return NULL;
+    }
+    c->rows = rows;
+    c->rank = r;
+    return &c->b;
+}
+
+void fl_train_release(fl_context *ctx) {
+    if (ctx->bwd) free_bufs(&ctx->bwd->b);
+    free(ctx->bwd);
+    ctx->bwd = NULL;
+    free(ctx->spare_arena);
+    ctx->spare_arena = NULL;
+    ctx->spare_bytes = 0;
+}
+
 int fl_train_backward(fl_context *ctx, fl_train_sample *t, int max_tokens) {
     if (t->forwarded < t->n)
         return fl_error("finetuning sample: backward needs the whole forward (%d of %d positions)",
@@ -332,12 +377,11 @@ int fl_train_backward(fl_context *ctx, fl_train_sample *t, int max_tokens) {
     if (m <= 0) return 0;
     const fl_model *mo = ctx->model;
     int p0 = end - m;
-    bwd_bufs b;
-    if (alloc_bufs(&b, mo, m, t->adapter->p.rank) != 0) return -1;
-    for (int i = 0; i < m; i++) b.pos[i] = p0 + i;
-    memcpy(b.dx, t->dfinal + (size_t)p0 * mo->cfg.dim, sizeof(float) * (size_t)m * mo->cfg.dim);
-    for (int l = mo->cfg.n_layers - 1; l >= 0; l--) layer_backward(ctx, t, l, &b, p0, m);
-    free_bufs(&b);
+    bwd_bufs *b = backward_buffers(ctx, m, t->adapter->p.rank);
+    if (!b) return -1;
+    for (int i = 0; i < m; i++) b->pos[i] = p0 + i;
+    memcpy(b->dx, t->dfinal + (size_t)p0 * mo->cfg.dim, sizeof(float) * (size_t)m * mo->cfg.dim);
+    for (int l = mo->cfg.n_layers - 1; l >= 0; l--) layer_backward(ctx, t, l, b, p0, m);
     t->backwarded += m;
     return m;
 }

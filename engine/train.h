@@ -22,7 +22,8 @@ struct fl_train_sample {
     float *dk_acc;      /* [n_layers, n, kv_dim] dK accumulators (post-RoPE) */
     float *dv_acc;      /* [n_layers, n, kv_dim] */
     float *dfinal;      /* [n, dim] loss gradient w.r.t. the last residual, from the forward */
-    size_t arena_bytes;
+    size_t arena_bytes;  /* the planner's figure: what the sample uses */
+    size_t arena_cap;    /* the block's size (a reused block may be larger) */
 };
 
 /* Where activation a of layer l at position pos is kept. */
@@ -34,6 +35,9 @@ static inline float *fl_train_saved(const fl_train_sample *t, int l, int pos, fl
  * mask of (layer, target, position). dst and x are [m, in]; pos [m]. */
 void fl_lora_training_input(float *dst, const float *x, const fl_train_sample *t, int layer,
                             fl_lora_target target, const int32_t *pos, int m, int in);
+
+/* Frees what the context keeps for training (spare arena, backward buffers). */
+void fl_train_release(fl_context *ctx);
 
 /* Fused loss of training rows at forward time: final norm, logits, cross-entropy,
  * and the gradient w.r.t. the last residual into t->dfinal. x [m, dim] holds the
