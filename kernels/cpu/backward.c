@@ -6,20 +6,6 @@
 #include <math.h>
 #include <string.h>
 
-void fl_cpu_rmsnorm_forward_rinv(float *y, float *rinv, const float *x, const float *w, int n,
-                                 int dim, float eps) {
-    /* the arithmetic of fl_cpu_rmsnorm_forward, so y is bitwise the same */
-    for (int t = 0; t < n; t++) {
-        const float *xt = x + (size_t)t * dim;
-        float *yt = y + (size_t)t * dim;
-        float ss = 0.0f;
-        for (int i = 0; i < dim; i++) ss += xt[i] * xt[i];
-        float r = 1.0f / sqrtf(ss / dim + eps);
-        for (int i = 0; i < dim; i++) yt[i] = w[i] * (xt[i] * r);
-        rinv[t] = r;
-    }
-}
-
 void fl_cpu_rmsnorm_backward(float *dx, const float *dy, const float *x, const float *rinv,
                              const float *w, int n, int dim) {
     /* y_i = w_i x_i r with r = (mean(x^2) + eps)^-1/2, dr/dx_k = -r^3 x_k / dim:
@@ -31,28 +17,6 @@ void fl_cpu_rmsnorm_backward(float *dx, const float *dy, const float *x, const f
         for (int i = 0; i < dim; i++) dot += dyt[i] * w[i] * xt[i];
         float c = r * r * r * dot / dim;
         for (int i = 0; i < dim; i++) dxt[i] += r * w[i] * dyt[i] - c * xt[i];
-    }
-}
-
-void fl_cpu_rope_backward(float *dx, const int32_t *pos, const float *inv_freq, int n,
-                          int n_heads, int head_dim) {
-    /* The forward multiplies each (a, b) pair by a rotation; its transpose rotates back. */
-    int half = head_dim / 2;
-    float cs[512], sn[512]; /* head_dim/2 <= 512 is checked at model load */
-    for (int t = 0; t < n; t++) {
-        for (int i = 0; i < half; i++) {
-            float angle = (float)pos[t] * inv_freq[i];
-            cs[i] = cosf(angle);
-            sn[i] = sinf(angle);
-        }
-        for (int h = 0; h < n_heads; h++) {
-            float *v = dx + ((size_t)t * n_heads + h) * head_dim;
-            for (int i = 0; i < half; i++) {
-                float da = v[i], db = v[i + half];
-                v[i] = da * cs[i] + db * sn[i];
-                v[i + half] = db * cs[i] - da * sn[i];
-            }
-        }
     }
 }
 

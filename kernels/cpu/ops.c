@@ -21,26 +21,34 @@ void fl_cpu_matmul(float *y, const float *x, const float *w, const float *bias, 
     }
 }
 
-void fl_cpu_rmsnorm_forward(float *y, const float *x, const float *w, int n, int dim, float eps) {
+void fl_cpu_rmsnorm_forward_rinv(float *y, float *rinv, const float *x, const float *w, int n,
+                                 int dim, float eps) {
     for (int t = 0; t < n; t++) {
         const float *xt = x + (size_t)t * dim;
         float *yt = y + (size_t)t * dim;
         float ss = 0.0f;
         for (int i = 0; i < dim; i++) ss += xt[i] * xt[i];
-        float rinv = 1.0f / sqrtf(ss / dim + eps);
-        for (int i = 0; i < dim; i++) yt[i] = w[i] * (xt[i] * rinv);
+        float r = 1.0f / sqrtf(ss / dim + eps);
+        for (int i = 0; i < dim; i++) yt[i] = w[i] * (xt[i] * r);
+        if (rinv) rinv[t] = r;
     }
 }
 
-void fl_cpu_rope_forward(float *x, const int32_t *pos, const float *inv_freq, int n, int n_heads,
-                         int head_dim) {
+void fl_cpu_rmsnorm_forward(float *y, const float *x, const float *w, int n, int dim, float eps) {
+    fl_cpu_rmsnorm_forward_rinv(y, NULL, x, w, n, dim, eps);
+}
+
+/* Rotates each (x[i], x[i + half]) pair of every head by sign * pos * inv_freq[i]:
+ * sign 1 is RoPE, sign -1 its transpose, which carries the gradient back. */
+static void rope_rotate(float *x, const int32_t *pos, const float *inv_freq, int n, int n_heads,
+                        int head_dim, float sign) {
     int half = head_dim / 2;
     float cs[512], sn[512]; /* head_dim/2 <= 512 is checked at model load */
     for (int t = 0; t < n; t++) {
         for (int i = 0; i < half; i++) {
             float angle = (float)pos[t] * inv_freq[i];
             cs[i] = cosf(angle);
-            sn[i] = sinf(angle);
+            sn[i] = sign * sinf(angle);
         }
         for (int h = 0; h < n_heads; h++) {
             float *v = x + ((size_t)t * n_heads + h) * head_dim;
@@ -51,6 +59,16 @@ void fl_cpu_rope_forward(float *x, const int32_t *pos, const float *inv_freq, in
             }
         }
     }
+}
+
+void fl_cpu_rope_forward(float *x, const int32_t *pos, const float *inv_freq, int n, int n_heads,
+                         int head_dim) {
+    rope_rotate(x, pos, inv_freq, n, n_heads, head_dim, 1.0f);
+}
+
+void fl_cpu_rope_backward(float *dx, const int32_t *pos, const float *inv_freq, int n,
+                          int n_heads, int head_dim) {
+    rope_rotate(dx, pos, inv_freq, n, n_heads, head_dim, -1.0f);
 }
 
 static inline size_t kv_row(const fl_kv_layer *kv, const int32_t *page_table, int p) {
