@@ -9,6 +9,9 @@
 
 #define FL_ATTN_MAX_HEADS 256 /* checked when a model loads */
 
+/* Head sizes the CPU attention kernels compile a specialised copy for (X(D) per size). */
+#define FL_CPU_HEAD_DIMS(X) X(8) X(16) X(32) X(64) X(128) X(256)
+
 /* One layer's slice of the paged KV pool. Token t of a sequence lives in page
  * page_table[t / page_tokens], row t % page_tokens. */
 typedef struct {

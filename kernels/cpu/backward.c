@@ -157,12 +157,7 @@ void fl_cpu_attention_backward(float *dq, float *dk_acc, float *dv_acc, const fl
         attention_backward_hd(dq, dk_acc, dv_acc, dout, out, lse, q, kv, page_table, pos, n, \
                               n_heads, n_kv_heads, D);                                     \
         break;
-        HD_CASE(8)
-        HD_CASE(16)
-        HD_CASE(32)
-        HD_CASE(64)
-        HD_CASE(128)
-        HD_CASE(256)
+        FL_CPU_HEAD_DIMS(HD_CASE)
 #undef HD_CASE
     default:
         attention_backward_hd(dq, dk_acc, dv_acc, dout, out, lse, q, kv, page_table, pos, n,

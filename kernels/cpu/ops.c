@@ -155,12 +155,7 @@ static void attend_token(float *out, float *lse, const float *q, const fl_kv_lay
     case D:                                                                               \
         attend_token_hd(out, lse, q, kv, page_table, last, h0, h1, group, D, scale);       \
         break;
-        HD_CASE(8)
-        HD_CASE(16)
-        HD_CASE(32)
-        HD_CASE(64)
-        HD_CASE(128)
-        HD_CASE(256)
+        FL_CPU_HEAD_DIMS(HD_CASE)
 #undef HD_CASE
     default:
         attend_token_hd(out, lse, q, kv, page_table, last, h0, h1, group, head_dim, scale);
