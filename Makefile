@@ -36,6 +36,7 @@ CUTESTS  := $(CUTEST_SRC:tests/cuda/%.c=build/tests/cuda_%)
 
 LIB    := build/libflexllm.a
 MODULE := build/lib/flexllm/core.so
+SCHED_ABI := build/lua/flexllm/sched_abi.lua
 CULIB  := build/libflexllm_cuda.a
 
 ifeq ($(CUDA),1)
@@ -43,9 +44,14 @@ CUDA_TARGETS := $(CULIB) $(CUTESTS)
 endif
 
 .PHONY: all lib module tests cuda deps test demo bench install clean
-all: $(LIB) $(MODULE) $(CUDA_TARGETS)
+all: $(LIB) $(MODULE) $(SCHED_ABI) $(CUDA_TARGETS)
 lib: $(LIB)
-module: $(MODULE)
+module: $(MODULE) $(SCHED_ABI)
+
+# The FFI declarations of the scheduling ABI, generated from its C header.
+$(SCHED_ABI): engine/include/fl_sched.h scripts/gen-sched-abi.lua
+	@mkdir -p $(dir $@)
+	$(LUAJIT) scripts/gen-sched-abi.lua $< $@
 tests: $(TESTS) $(ASAN_TESTS) $(CUDA_TARGETS)
 cuda: $(CULIB) $(CUTESTS)
 
@@ -111,9 +117,9 @@ bench: deps
 INST_LUADIR ?= /usr/local/share/lua/5.1
 INST_LIBDIR ?= /usr/local/lib/lua/5.1
 INST_BINDIR ?= /usr/local/bin
-install: $(MODULE)
+install: $(MODULE) $(SCHED_ABI)
 	mkdir -p $(INST_LUADIR)/flexllm $(INST_LIBDIR)/flexllm $(INST_BINDIR)
-	cp lua/flexllm/*.lua $(INST_LUADIR)/flexllm/
+	cp lua/flexllm/*.lua $(SCHED_ABI) $(INST_LUADIR)/flexllm/
 	cp $(MODULE) $(INST_LIBDIR)/flexllm/core.so
 	cp bin/flexllm $(INST_BINDIR)/flexllm
 
