@@ -1,0 +1,122 @@
+/* Plan validation rule by rule, the first-come-first-served fallback, and the online
+ * cost model recovering a known linear cost from noisy observations. */
+#include "fl_internal.h"
+#include "scheduler.h"
+#include "tap.h"
+
+#include <math.h>
+
+static fl_sched_request reqs[6];
+static fl_sched_job jobs[2];
+static fl_sched_item items[64];
+static fl_sched_ft fts[4];
+static fl_sched_state st;
+static fl_sched_plan plan;
+
+static void reset(void) {
+    memset(reqs, 0, sizeof reqs);
+    memset(jobs, 0, sizeof jobs);
+    for (int i = 0; i < 6; i++) {
+        reqs[i].id = 100 + i;
+        reqs[i].prompt_len = 40;
+        reqs[i].max_tokens = 20;
+        reqs[i].pages_needed = 4;
+        reqs[i].adapter = -1;
+    }
+    reqs[0].state = reqs[1].state = FL_REQ_DECODE, reqs[0].prefilled = reqs[1].prefilled = 40;
+    reqs[0].kv_pages = reqs[1].kv_pages = 4, reqs[0].generated = 5, reqs[1].generated = 9;
+    reqs[2].state = FL_REQ_PREFILL, reqs[2].prefilled = 16, reqs[2].kv_pages = 4;
+    jobs[0] = (fl_sched_job){.id = 7, .phase = FL_JOB_FORWARD, .sample_len = 64, .forwarded = 10};
+    jobs[1] = (fl_sched_job){.id = 8, .phase = FL_JOB_BACKWARD, .sample_len = 64, .forwarded = 64,
+                             .backward_left = 30};
+    st = (fl_sched_state){.max_batch_tokens = 64, .kv_pages_free = 6, .kv_pages_total = 20,
+                          .n_requests = 6, .requests = reqs, .n_jobs = 2, .jobs = jobs};
+    plan = (fl_sched_plan){.cap_items = 64, .items = items, .cap_ft = 4, .ft = fts};
+}
+
+static void add_item(int r, int tokens) { items[plan.n_items++] = (fl_sched_item){r, tokens}; }
+static void add_ft(int j, int f, int b) { fts[plan.n_ft++] = (fl_sched_ft){j, f, b}; }
+
+static void invalid(const char *what, const char *want) {
+    int rc = fl_sched_validate(&st, &plan);
+    tap_ok(rc == -1 && strstr(fl_last_error(), want), "refused: %s (\"%s\")", what, fl_last_error());
+    reset();
+}
+
+static void test_validate(void) {
+    reset();
+    add_item(0, 1), add_item(1, 1), add_item(2, 24), add_item(3, 10), add_ft(0, 20, 0), add_ft(1, 0, 30);
+    tap_ok(fl_sched_validate(&st, &plan) == 0, "a plan within every rule is accepted (%s)", fl_last_error());
+    reset();
+    add_item(6, 1), invalid("a request index out of range", "request index 6 outside [0, 6)");
+    add_item(0, 1), add_item(0, 1), invalid("a request twice", "appears twice");
+    add_item(0, 2), invalid("two tokens for a decoding request", "is decoding and gets 2 tokens");
+    add_item(2, 25), invalid("more prompt tokens than are left", "gets 25 prompt tokens, 24 are left");
+    add_item(3, 0), invalid("zero tokens", "gets 0 prompt tokens");
+    add_item(3, 8), add_item(4, 8), invalid("admissions beyond the free pages", "needs 4 KV pages, 2 are left");
+    add_item(3, 40), add_ft(0, 30, 0), invalid("over the token budget", "70 forward tokens, the budget is 64");
+    add_ft(1, 5, 0), invalid("forward tokens in the backward phase", "gets 5 forward tokens");
+    add_ft(0, 0, 3), invalid("backward tokens in the forward phase", "gets 3 backward tokens");
+    add_ft(1, 0, 31), invalid("more backward tokens than are left", "gets 31 backward tokens");
+    add_ft(2, 1, 0), invalid("a job index out of range", "job index 2 outside [0, 2)");
+    add_ft(0, 1, 0), add_ft(0, 1, 0), invalid("a job twice", "job 0 appears twice");
+    plan.n_items = 65, invalid("more items than the capacity", "65 items (capacity 64)");
+}
+
+static void test_fcfs(void) {
+    reset();
+    fl_sched_fcfs(&st, &plan);
+    int ok = fl_sched_validate(&st, &plan) == 0 && plan.n_items >= 3 && items[0].request == 0 &&
+             items[1].request == 1 && items[2].request == 2 && items[2].tokens == 24;
+    /* 62 tokens left after the decodes: 24 for request 2, 38 for request 3 (admitted, 4 pages) */
+    ok = ok && plan.n_items == 4 && items[3].request == 3 && items[3].tokens == 38 && plan.n_ft == 1 &&
+         fts[0].job == 1 && fts[0].backward_tokens == 30;
+    tap_ok(ok, "FCFS: decodes, then prefill in arrival order within the budget, backward of the "
+               "job that is in backward (%d items, %d finetuning)", plan.n_items, plan.n_ft);
+    reset();
+    st.kv_pages_free = 3; /* request 3 does not fit: nobody behind it is admitted */
+    reqs[4].pages_needed = 1;
+    fl_sched_fcfs(&st, &plan);
+    int behind = 0;
+    for (int i = 0; i < plan.n_items; i++) behind |= items[i].request >= 3;
+    tap_ok(!behind && fl_sched_validate(&st, &plan) == 0,
+           "FCFS keeps arrival order: a waiting request that does not fit holds back later ones");
+}
+
+static void test_cost_model(void) {
+    const double truth[6] = {1.5e-3, 2e-5, 1.2e-4, 3e-5, 6e-5, 2e-7}; /* fixed, 4 kinds, context */
+    fl_cost_fit fit = {0};
+    fl_cost_model model = {0};
+    uint64_t s = 12345;
+    for (int i = 0; i < 600; i++) {
+        double tok[4], ctx;
+        for (int k = 0; k < 4; k++) {
+            s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+            tok[k] = (double)((s >> 33) % 200);
+        }
+        ctx = tok[1] * (double)((s >> 20) % 900);
+        double t = truth[0] + truth[5] * ctx;
+        for (int k = 0; k < 4; k++) t += truth[1 + k] * tok[k];
+        double noise = 1.0 + 0.01 * (((double)((s >> 11) % 2001) / 1000.0) - 1.0);
+        fl_cost_observe(&fit, &model, tok, ctx, t * noise);
+    }
+    double got[6] = {model.fixed, model.per_token[0], model.per_token[1], model.per_token[2],
+                     model.per_token[3], model.per_context};
+    double worst = 0;
+    for (int i = 0; i < 6; i++) worst = fmax(worst, fabs(got[i] - truth[i]) / truth[i]);
+    tap_ok(worst < 0.1 && model.fitted == 600,
+           "the cost model recovers fixed, per-token (4 kinds) and per-context costs from 600 "
+           "noisy iterations (worst relative error %.3f)", worst);
+    double tok[4] = {100, 10, 50, 0};
+    double want = truth[0] + truth[1] * 100 + truth[2] * 10 + truth[3] * 50 + truth[5] * 5000;
+    double pred = fl_cost_predict(&model, tok, 5000);
+    tap_ok(fabs(pred - want) / want < 0.02, "it predicts an unseen plan's time within 2%% (%.3g s "
+                                            "vs %.3g s)", pred, want);
+}
+
+int main(void) {
+    test_validate();
+    test_fcfs();
+    test_cost_model();
+    return tap_done();
+}
