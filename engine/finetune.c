@@ -255,45 +255,61 @@ static int run_out(const fl_finetune *j) {
     return j->epoch >= j->p.epochs || (j->p.max_steps && j->prog.step >= j->p.max_steps);
 }
 
+fl_train_sample *fl_finetune_sample(fl_finetune *j, int *rc) {
+    *rc = 0;
+    if (j->prog.done) return NULL;
+    if (j->cur) return j->cur;
+    if (j->epoch_pos == j->count) {
+        j->epoch++;
+        j->epoch_pos = 0;
+        fl_dataset_order(j->ds, j->p.seed, j->epoch, j->order);
+    }
+    if (run_out(j)) {
+        *rc = finish(j);
+        return NULL;
+    }
+    const fl_sample *s = fl_dataset_get(j->ds, j->order[j->epoch_pos]);
+    if (!(j->cur = fl_train_begin(j->ctx, j->adapter, s, &j->p.train))) *rc = -1;
+    return j->cur;
+}
+
+int fl_finetune_advance(fl_finetune *j, int forward_tokens) {
+    fl_train_sample *t = j->cur;
+    j->prog.tokens += forward_tokens;
+    if (forward_tokens > 0 && fl_train_forwarded(t) == fl_train_length(t) &&
+        !isfinite(fl_train_loss(t)))
+        return fl_error("finetuning: the loss is %g at step %d (sample %d of epoch %d); stopped "
+                        "(last checkpoint: step %d)",
+                        fl_train_loss(t), j->prog.step + 1, j->epoch_pos, j->epoch + 1,
+                        j->last_checkpoint);
+    if (fl_train_forwarded(t) < fl_train_length(t) || fl_train_backward_left(t) > 0) return 0;
+    j->accum_loss += fl_train_loss(t);
+    fl_train_end(j->ctx, t);
+    j->cur = NULL;
+    j->epoch_pos++;
+    j->in_accum++;
+    j->prog.samples_done++;
+    j->prog.epoch = j->epoch;
+    int last = j->epoch_pos == j->count && j->epoch + 1 >= j->p.epochs;
+    if (j->in_accum == j->p.grad_accum || last) return optimizer_step(j);
+    return 0;
+}
+
 int fl_finetune_step(fl_finetune *j, int max_tokens) {
-    if (j->prog.done) return 0;
     while (max_tokens > 0) {
-        if (!j->cur) {
-            if (j->epoch_pos == j->count) {
-                j->epoch++;
-                j->epoch_pos = 0;
-                fl_dataset_order(j->ds, j->p.seed, j->epoch, j->order);
-            }
-            if (run_out(j)) return finish(j) ? -1 : 0;
-            const fl_sample *s = fl_dataset_get(j->ds, j->order[j->epoch_pos]);
-            if (!(j->cur = fl_train_begin(j->ctx, j->adapter, s, &j->p.train))) return -1;
-        }
-        int chunk = max_tokens < j->p.chunk ? max_tokens : j->p.chunk, done;
-        if (fl_train_forwarded(j->cur) < fl_train_length(j->cur)) {
-            if ((done = fl_train_forward(j->ctx, j->cur, chunk)) <= 0) return -1;
-            j->prog.tokens += done;
-            if (fl_train_forwarded(j->cur) == fl_train_length(j->cur) &&
-                !isfinite(fl_train_loss(j->cur)))
-                return fl_error("finetuning: the loss is %g at step %d (sample %d of epoch %d); "
-                                "stopped (last checkpoint: step %d)",
-                                fl_train_loss(j->cur), j->prog.step + 1, j->epoch_pos, j->epoch + 1,
-                                j->last_checkpoint);
-        } else if ((done = fl_train_backward(j->ctx, j->cur, chunk)) <= 0) {
+        int rc;
+        fl_train_sample *t = fl_finetune_sample(j, &rc);
+        if (!t) return rc < 0 ? -1 : 0;
+        int chunk = max_tokens < j->p.chunk ? max_tokens : j->p.chunk, done, fwd = 0;
+        if (fl_train_forwarded(t) < fl_train_length(t)) {
+            if ((done = fwd = fl_train_forward(j->ctx, t, chunk)) <= 0) return -1;
+        } else if ((done = fl_train_backward(j->ctx, t, chunk)) <= 0) {
             return -1;
         }
         max_tokens -= done;
-        if (fl_train_backward_left(j->cur) > 0) continue;
-        j->accum_loss += fl_train_loss(j->cur);
-        fl_train_end(j->ctx, j->cur);
-        j->cur = NULL;
-        j->epoch_pos++;
-        j->in_accum++;
-        j->prog.samples_done++;
-        j->prog.epoch = j->epoch;
-        int last = j->epoch_pos == j->count && j->epoch + 1 >= j->p.epochs;
-        if ((j->in_accum == j->p.grad_accum || last) && optimizer_step(j) != 0) return -1;
+        if (fl_finetune_advance(j, fwd) != 0) return -1;
     }
-    return 1;
+    return j->prog.done ? 0 : 1;
 }
 
 void fl_finetune_get_progress(const fl_finetune *j, fl_finetune_progress *p) { *p = j->prog; }

@@ -36,6 +36,14 @@ static inline float *fl_train_saved(const fl_train_sample *t, int l, int pos, fl
 void fl_lora_training_input(float *dst, const float *x, const fl_train_sample *t, int layer,
                             fl_lora_target target, const int32_t *pos, int m, int in);
 
+/* A job's sample in flight, begun when there is none; NULL when the job has finished
+ * (*rc 0: its adapter is written) or failed (*rc -1). */
+fl_train_sample *fl_finetune_sample(fl_finetune *job, int *rc);
+/* After positions of the job's sample ran (forward_tokens of them forward): checks the
+ * loss once its forward is whole, and when its backward is done ends the sample, steps
+ * the optimizer every grad_accum samples, checkpoints. 0, or -1 (the job stops). */
+int fl_finetune_advance(fl_finetune *job, int forward_tokens);
+
 /* Frees what the context keeps for training (spare arena, backward buffers). */
 void fl_train_release(fl_context *ctx);
 
