@@ -14,10 +14,10 @@ CUDA_ARCH  ?= -gencode arch=compute_90,code=[sm_90,compute_90]
 OPT        ?= -O3 -march=native
 
 WARN    := -Wall -Wextra -Wno-unused-parameter -Wshadow -Wstrict-prototypes
-CPPFLAGS_FL := -D_GNU_SOURCE -Iengine/include -Iengine -Ikernels -I$(BLAS_INC)
+CPPFLAGS_FL := -D_GNU_SOURCE -Iengine/include -Iengine -Ikernels -I$(BLAS_INC) -I$(LUA_INCDIR)
 # fp-contract=fast: ISO C mode would otherwise forbid fusing a*b+c into an FMA.
 CFLAGS_FL   := -std=c11 $(WARN) -fPIC -fopenmp -ffp-contract=fast -g $(CPPFLAGS_FL)
-LIBS    := -L$(BLAS_DIR) -Wl,-rpath,$(BLAS_DIR) -lopenblas -lcjson -lpcre2-8 -lutf8proc -lm -fopenmp
+LIBS    := -L$(BLAS_DIR) -Wl,-rpath,$(BLAS_DIR) -lopenblas -lcjson -lpcre2-8 -lutf8proc -lluajit-5.1 -lm -fopenmp
 SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 
 ENGINE_SRC := $(filter-out engine/lua_%.c,$(wildcard engine/*.c)) $(wildcard kernels/cpu/*.c)
@@ -57,7 +57,7 @@ cuda: $(CULIB) $(CUTESTS)
 
 build/obj/%.o: %.c $(wildcard engine/*.h engine/include/*.h kernels/*.h kernels/cpu/*.h)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_FL) $(OPT) -I$(LUA_INCDIR) -c $< -o $@
+	$(CC) $(CFLAGS_FL) $(OPT) -c $< -o $@
 
 build/asan/obj/%.o: %.c $(wildcard engine/*.h engine/include/*.h kernels/*.h kernels/cpu/*.h)
 	@mkdir -p $(dir $@)
@@ -71,11 +71,13 @@ build/asan/libflexllm.a: $(ASAN_OBJ)
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
 
-# The Lua module resolves lua_* from the host interpreter, so it links no Lua library.
+# The Lua module resolves lua_* from the host interpreter, so it links no Lua library:
+# Debian's luajit has the VM built in, and a second copy in the same process (libluajit,
+# pulled in by the policy host) must never be loaded next to it.
 # nodelete: Lua unloads C modules at exit while OpenMP worker threads still run its code.
 $(MODULE): $(LUA_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
-	$(CC) -shared -Wl,-z,nodelete -o $@ $(LUA_OBJ) $(LIB) $(LIBS)
+	$(CC) -shared -Wl,-z,nodelete -o $@ $(LUA_OBJ) $(LIB) $(filter-out -lluajit-5.1,$(LIBS))
 
 build/tests/%: tests/c/%.c tests/c/tap.h $(LIB)
 	@mkdir -p $(dir $@)
