@@ -1,0 +1,2 @@
+-- Returns a table without schedule().
+return { init = function() end }

@@ -1,0 +1,2 @@
+-- Never returns.
+return { schedule = function() while true do end end }

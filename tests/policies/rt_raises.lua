@@ -1,0 +1,2 @@
+-- Raises on every call.
+return { schedule = function() error("this policy always fails") end }
