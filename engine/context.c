@@ -164,6 +164,12 @@ int fl_seq_len(const fl_context *ctx, int seq) {
 const fl_model *fl_context_model(const fl_context *ctx) { return ctx->model; }
 int fl_context_max_batch_tokens(const fl_context *ctx) { return ctx->params.max_batch_tokens; }
 int fl_kv_pages_total(const fl_context *ctx) { return ctx->n_pages; }
+
+int fl_seqs_free(const fl_context *ctx) {
+    int n = 0;
+    for (int i = 0; i < ctx->params.max_seqs; i++) n += !ctx->seqs[i].live;
+    return n;
+}
 int fl_kv_pages_free(const fl_context *ctx) { return ctx->n_free; }
 
 /* Checks every token of the batch against the sequences, and counts the new

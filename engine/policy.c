@@ -466,3 +466,11 @@ int fl_policy_disabled(const fl_policy *pol) { return pol->disabled; }
 double fl_policy_last_seconds(const fl_policy *pol) { return pol->last_seconds; }
 const char *fl_policy_path(const fl_policy *pol) { return pol->path; }
 uint64_t fl_policy_hash(const fl_policy *pol) { return pol->hash; }
+
+uint64_t fl_policy_hash_file(const char *path) {
+    size_t len;
+    char *text = fl_read_file(path, &len);
+    uint64_t h = text ? fnv1a(text, len) : 0;
+    free(text);
+    return h;
+}

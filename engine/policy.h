@@ -57,5 +57,7 @@ char *fl_policy_export(fl_policy *pol);
 
 const char *fl_policy_path(const fl_policy *pol);
 uint64_t fl_policy_hash(const fl_policy *pol); /* FNV-1a of the file's bytes */
+/* The same hash of a file as it is now (0 when it cannot be read). */
+uint64_t fl_policy_hash_file(const char *path);
 
 #endif

@@ -1,12 +1,21 @@
-/* Batched generation: each step runs one forward holding a decode token of every
- * running request plus prefill chunks of others, first come first served.
- * A request is admitted once the KV pool can hold its prompt and max_tokens, so a
- * running request never runs out of pages. */
-#include "model.h"
+/* The co-serving runtime: requests and finetuning jobs, one fused iteration at a time.
+ * Each iteration fills the scheduling state, takes the policy's plan (or the built-in
+ * one when there is no policy, it fails, or its plan is invalid), admits and runs the
+ * planned tokens in one forward, runs the planned backward chunks, samples, and feeds
+ * the measured time to the cost model. A request is admitted only when the KV pool can
+ * hold its prompt and max_tokens, and a finetuning sample only when it can hold the
+ * whole sample, so nothing running ever runs out of pages. */
 #include "fl_internal.h"
+#include "policy.h"
+#include "scheduler.h"
+#include "train.h"
 
+#include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <time.h>
 
 typedef enum { REQ_QUEUED, REQ_RUNNING, REQ_DONE } req_state;
 
@@ -14,6 +23,7 @@ typedef struct {
     int id;
     req_state state;
     int seq;
+    double arrival, first_at, last_at; /* seconds on the runtime clock; -1: not yet */
     int32_t *prompt;
     int n_prompt, n_prefilled;
     int32_t last_token;     /* sampled, not yet fed back */
@@ -28,16 +38,39 @@ typedef struct {
     size_t text_len, text_cap, emitted;
 } request;
 
-struct fl_generator {
+typedef struct {
+    int id;
+    fl_finetune *ft;
+    int pages;           /* KV pages reserved for its sample in flight */
+    int done;            /* finished, or failed with error */
+    char error[512];
+} job_slot;
+
+struct fl_runtime {
     fl_context *ctx;
-    fl_generator_params p;
+    fl_runtime_params p;
+    char *policy_path;
+    fl_policy *policy;
+    double seen_mtime;     /* the policy file's modification time at the last check */
+    double changed_at;     /* when a new modification time was first seen, or -1 */
+    int sighup_seen;
     request *reqs;
     int n_reqs, cap_reqs, next_id;
-    int reserved_pages;
-    /* per-step buffers */
+    job_slot *jobs;
+    int n_jobs, cap_jobs, next_job;
+    int reserved_pages;    /* pages promised to admitted requests and samples, taken or not */
+    /* the scheduling state and plan, handed to the policy by pointer */
+    fl_sched_state st;
+    fl_sched_plan plan;
+    int cap_st_reqs, cap_st_jobs;
+    int *st_job_slot;      /* job slot of each state.jobs entry */
+    fl_cost_fit fit;
+    fl_runtime_stats stats;
+    double clock0;
+    /* per-iteration buffers */
     int32_t *tok, *seq, *pos;
     int8_t *want;
-    const fl_adapter **adapter; /* [max_batch_tokens] */
+    const fl_adapter **adapter;
     int *row_req;          /* request of each logits row */
     float *logits;         /* [max_batch_tokens, vocab] */
     fl_gen_event *events;
@@ -51,34 +84,72 @@ fl_request_params fl_request_default_params(void) {
     return p;
 }
 
-fl_generator_params fl_generator_default_params(void) {
-    fl_generator_params p = {.prefill_chunk = 256};
+fl_runtime_params fl_runtime_default_params(void) {
+    fl_policy_params pp = fl_policy_default_params();
+    fl_runtime_params p = {.prefill_chunk = 256, .policy_time_budget = pp.time_budget,
+                           .policy_mem_limit = pp.mem_limit,
+                           .policy_max_failures = pp.max_failures};
     return p;
 }
 
-fl_generator *fl_generator_new(fl_context *ctx, const fl_generator_params *params) {
-    fl_generator_params p = params ? *params : fl_generator_default_params();
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static double mtime_of(const char *path) {
+    struct stat st;
+    if (stat(path, &st) != 0) return -1;
+    return (double)st.st_mtim.tv_sec + st.st_mtim.tv_nsec * 1e-9;
+}
+
+static fl_policy_params policy_params(const fl_runtime *rt) {
+    fl_policy_params pp = fl_policy_default_params();
+    pp.time_budget = rt->p.policy_time_budget;
+    pp.mem_limit = rt->p.policy_mem_limit;
+    pp.max_failures = rt->p.policy_max_failures;
+    return pp;
+}
+
+fl_runtime *fl_runtime_new(fl_context *ctx, const fl_runtime_params *params) {
+    fl_runtime_params p = params ? *params : fl_runtime_default_params();
     if (p.prefill_chunk <= 0) {
-        fl_error("generator: prefill_chunk %d must be positive", p.prefill_chunk);
+        fl_error("runtime: prefill_chunk %d must be positive", p.prefill_chunk);
         return NULL;
     }
-    fl_generator *g = fl_calloc(1, sizeof *g);
-    if (!g) return NULL;
-    g->ctx = ctx;
-    g->p = p;
+    fl_runtime *rt = fl_calloc(1, sizeof *rt);
+    if (!rt) return NULL;
+    rt->ctx = ctx;
+    rt->p = p;
+    rt->p.policy = NULL;
+    rt->clock0 = now_s();
+    rt->stats.policy_error = "";
     int T = ctx->params.max_batch_tokens;
-    g->tok = fl_malloc(sizeof(int32_t) * T);
-    g->seq = fl_malloc(sizeof(int32_t) * T);
-    g->pos = fl_malloc(sizeof(int32_t) * T);
-    g->want = fl_malloc((size_t)T);
-    g->adapter = fl_malloc(sizeof(*g->adapter) * T);
-    g->row_req = fl_malloc(sizeof(int) * T);
-    g->logits = fl_malloc(sizeof(float) * (size_t)T * ctx->model->cfg.vocab_size);
-    if (!g->tok || !g->seq || !g->pos || !g->want || !g->adapter || !g->row_req || !g->logits) {
-        fl_generator_free(g);
-        return NULL;
+    rt->tok = fl_malloc(sizeof(int32_t) * T);
+    rt->seq = fl_malloc(sizeof(int32_t) * T);
+    rt->pos = fl_malloc(sizeof(int32_t) * T);
+    rt->want = fl_malloc((size_t)T);
+    rt->adapter = fl_malloc(sizeof(*rt->adapter) * T);
+    rt->row_req = fl_malloc(sizeof(int) * T);
+    rt->logits = fl_malloc(sizeof(float) * (size_t)T * ctx->model->cfg.vocab_size);
+    rt->plan.cap_items = T;
+    rt->plan.items = fl_malloc(sizeof(fl_sched_item) * T);
+    if (!rt->tok || !rt->seq || !rt->pos || !rt->want || !rt->adapter || !rt->row_req ||
+        !rt->logits || !rt->plan.items)
+        goto fail;
+    rt->changed_at = -1;
+    if (p.policy) {
+        fl_policy_params pp = policy_params(rt);
+        if (!(rt->policy_path = strdup(p.policy)) ||
+            !(rt->policy = fl_policy_load(p.policy, &rt->st, &rt->plan, &pp, NULL)))
+            goto fail;
+        rt->seen_mtime = mtime_of(p.policy);
     }
-    return g;
+    return rt;
+fail:
+    fl_runtime_free(rt);
+    return NULL;
 }
 
 static void request_release(request *r) {
@@ -90,52 +161,61 @@ static void request_release(request *r) {
     memset(r, 0, sizeof *r);
 }
 
-void fl_generator_free(fl_generator *g) {
-    if (!g) return;
-    for (int i = 0; i < g->n_reqs; i++) {
-        if (g->reqs[i].state == REQ_RUNNING) fl_seq_free(g->ctx, g->reqs[i].seq);
-        request_release(&g->reqs[i]);
+void fl_runtime_free(fl_runtime *rt) {
+    if (!rt) return;
+    for (int i = 0; i < rt->n_reqs; i++) {
+        if (rt->reqs[i].state == REQ_RUNNING) fl_seq_free(rt->ctx, rt->reqs[i].seq);
+        request_release(&rt->reqs[i]);
     }
-    free(g->reqs);
-    free(g->tok);
-    free(g->seq);
-    free(g->pos);
-    free(g->want);
-    free(g->adapter);
-    free(g->row_req);
-    free(g->logits);
-    free(g->events);
-    free(g->event_text);
-    free(g);
+    for (int j = 0; j < rt->n_jobs; j++) fl_finetune_free(rt->jobs[j].ft);
+    fl_policy_free(rt->policy);
+    free(rt->policy_path);
+    free(rt->reqs);
+    free(rt->jobs);
+    free(rt->st.requests);
+    free(rt->st.jobs);
+    free(rt->st_job_slot);
+    free(rt->plan.items);
+    free(rt->plan.ft);
+    free(rt->tok);
+    free(rt->seq);
+    free(rt->pos);
+    free(rt->want);
+    free(rt->adapter);
+    free(rt->row_req);
+    free(rt->logits);
+    free(rt->events);
+    free(rt->event_text);
+    free(rt);
 }
 
 static int pages_for(int tokens) { return (tokens + FL_KV_PAGE_TOKENS - 1) / FL_KV_PAGE_TOKENS; }
 
-int fl_generator_add(fl_generator *g, const int32_t *prompt, int n_prompt,
-                     const fl_request_params *params) {
+int fl_runtime_submit(fl_runtime *rt, const int32_t *prompt, int n_prompt,
+                      const fl_request_params *params) {
     fl_request_params p = params ? *params : fl_request_default_params();
-    const fl_config *c = &g->ctx->model->cfg;
+    const fl_config *c = &rt->ctx->model->cfg;
     if (n_prompt <= 0) return fl_error("request: the prompt has no tokens");
     if (p.max_tokens <= 0) return fl_error("request: max_tokens %d must be positive", p.max_tokens);
     if (n_prompt + p.max_tokens > c->max_seq_len)
         return fl_error("request: prompt (%d tokens) + max_tokens (%d) exceeds the model's "
                         "context of %d",
                         n_prompt, p.max_tokens, c->max_seq_len);
-    if (pages_for(n_prompt + p.max_tokens) > g->ctx->n_pages)
+    if (pages_for(n_prompt + p.max_tokens) > rt->ctx->n_pages)
         return fl_error("request: needs %d KV pages, the pool has %d",
-                        pages_for(n_prompt + p.max_tokens), g->ctx->n_pages);
+                        pages_for(n_prompt + p.max_tokens), rt->ctx->n_pages);
     for (int i = 0; i < n_prompt; i++)
         if (prompt[i] < 0 || prompt[i] >= c->vocab_size)
             return fl_error("request: prompt token %d is id %d, outside the vocabulary [0, %d)",
                             i, prompt[i], c->vocab_size);
-    if (g->n_reqs == g->cap_reqs) {
-        int cap = g->cap_reqs ? g->cap_reqs * 2 : 16;
-        request *nr = realloc(g->reqs, sizeof(request) * (size_t)cap);
+    if (rt->n_reqs == rt->cap_reqs) {
+        int cap = rt->cap_reqs ? rt->cap_reqs * 2 : 16;
+        request *nr = realloc(rt->reqs, sizeof(request) * (size_t)cap);
         if (!nr) return fl_error("out of memory queueing a request");
-        g->reqs = nr;
-        g->cap_reqs = cap;
+        rt->reqs = nr;
+        rt->cap_reqs = cap;
     }
-    request *r = &g->reqs[g->n_reqs];
+    request *r = &rt->reqs[rt->n_reqs];
     memset(r, 0, sizeof *r);
     r->p = p;
     r->p.n_stop = 0;
@@ -159,68 +239,239 @@ int fl_generator_add(fl_generator *g, const int32_t *prompt, int n_prompt,
     r->p.stop = NULL;
     memcpy(r->prompt, prompt, sizeof(int32_t) * (size_t)n_prompt);
     r->n_prompt = n_prompt;
-    r->id = g->next_id++;
+    r->id = rt->next_id++;
     r->state = REQ_QUEUED;
+    r->seq = -1;
+    r->arrival = now_s() - rt->clock0;
+    r->first_at = r->last_at = -1;
+    r->reserved_pages = pages_for(n_prompt + p.max_tokens);
     fl_detok_init(&r->detok, 1);
-    g->n_reqs++;
+    rt->n_reqs++;
     return r->id;
 }
 
-int fl_generator_active(const fl_generator *g) {
+int fl_runtime_add_job(fl_runtime *rt, fl_finetune *job) {
+    if (rt->n_jobs == rt->cap_jobs) {
+        int cap = rt->cap_jobs ? rt->cap_jobs * 2 : 4;
+        job_slot *nj = realloc(rt->jobs, sizeof(job_slot) * (size_t)cap);
+        fl_sched_ft *nf = realloc(rt->plan.ft, sizeof(fl_sched_ft) * (size_t)cap);
+        if (nj) rt->jobs = nj;
+        if (nf) rt->plan.ft = nf;
+        if (!nj || !nf) return fl_error("out of memory adding a finetuning job");
+        rt->cap_jobs = rt->plan.cap_ft = cap;
+    }
+    job_slot *s = &rt->jobs[rt->n_jobs++];
+    memset(s, 0, sizeof *s);
+    s->id = rt->next_job++;
+    s->ft = job;
+    return s->id;
+}
+
+int fl_runtime_active(const fl_runtime *rt) {
     int n = 0;
-    for (int i = 0; i < g->n_reqs; i++) n += g->reqs[i].state != REQ_DONE;
+    for (int i = 0; i < rt->n_reqs; i++) n += rt->reqs[i].state != REQ_DONE;
+    for (int j = 0; j < rt->n_jobs; j++) n += !rt->jobs[j].done;
     return n;
 }
 
-static int admit(fl_generator *g, request *r) {
-    int need = pages_for(r->n_prompt + r->p.max_tokens);
-    if (g->ctx->n_pages - g->reserved_pages < need) return 0;
-    int seq = fl_seq_new(g->ctx);
-    if (seq < 0) return 0;
-    r->seq = seq;
-    r->reserved_pages = need;
-    g->reserved_pages += need;
-    r->state = REQ_RUNNING;
+const char *fl_runtime_job_error(const fl_runtime *rt, int job) {
+    for (int j = 0; j < rt->n_jobs; j++)
+        if (rt->jobs[j].id == job) return rt->jobs[j].error;
+    return "";
+}
+
+void fl_runtime_get_stats(const fl_runtime *rt, fl_runtime_stats *stats) {
+    *stats = rt->stats;
+    if (rt->policy) {
+        stats->policy_disabled = fl_policy_disabled(rt->policy);
+        stats->policy_error = fl_policy_last_error(rt->policy);
+    }
+}
+
+/* ------------------------------------------------------- the scheduling state */
+
+static int grow_state(fl_runtime *rt) {
+    if (rt->n_reqs > rt->cap_st_reqs) {
+        fl_sched_request *r = realloc(rt->st.requests, sizeof(*r) * (size_t)rt->n_reqs);
+        if (!r) return fl_error("out of memory for the scheduling state");
+        rt->st.requests = r;
+        rt->cap_st_reqs = rt->n_reqs;
+    }
+    if (rt->n_jobs > rt->cap_st_jobs) {
+        fl_sched_job *j = realloc(rt->st.jobs, sizeof(*j) * (size_t)rt->n_jobs);
+        int *slot = realloc(rt->st_job_slot, sizeof(int) * (size_t)rt->n_jobs);
+        if (j) rt->st.jobs = j;
+        if (slot) rt->st_job_slot = slot;
+        if (!j || !slot) return fl_error("out of memory for the scheduling state");
+        rt->cap_st_jobs = rt->n_jobs;
+    }
+    return 0;
+}
+
+static void job_fail(job_slot *s, const char *why) {
+    snprintf(s->error, sizeof s->error, "%s", why);
+    s->done = 1;
+}
+
+/* A job's entry in the state, beginning its next sample when the pool can hold it.
+ * Returns 0 when the job has nothing to offer this iteration. */
+static int job_entry(fl_runtime *rt, job_slot *s, fl_sched_job *e) {
+    int rc;
+    if (!s->pages && fl_seqs_free(rt->ctx) == 0) return 0; /* a new sample needs a slot */
+    fl_train_sample *t = fl_finetune_sample(s->ft, &rc);
+    if (!t) {
+        if (rc < 0) job_fail(s, fl_last_error());
+        else s->done = 1;
+        return 0;
+    }
+    if (!s->pages) { /* a new sample: reserve its pages, or wait for them */
+        int need = pages_for(fl_train_length(t));
+        if (rt->ctx->n_pages - rt->reserved_pages < need) return 0;
+        s->pages = need;
+        rt->reserved_pages += need;
+    }
+    fl_finetune_progress pr;
+    fl_finetune_get_progress(s->ft, &pr);
+    *e = (fl_sched_job){.id = s->id, .adapter = -1, .sample_len = fl_train_length(t),
+                        .forwarded = fl_train_forwarded(t),
+                        .backward_left = fl_train_backward_left(t), .step = pr.step,
+                        .total_steps = pr.total_steps, .loss = (float)pr.loss,
+                        .tokens = pr.tokens};
+    e->phase = e->forwarded < e->sample_len ? FL_JOB_FORWARD : FL_JOB_BACKWARD;
     return 1;
 }
 
-static void push(fl_generator *g, int *n, const request *r, int32_t tok, int pos, int want) {
-    g->tok[*n] = tok;
-    g->adapter[*n] = r->p.adapter;
-    int seq = r->seq;
-    g->seq[*n] = seq;
-    g->pos[*n] = pos;
-    g->want[*n] = (int8_t)want;
+static int fill_state(fl_runtime *rt) {
+    if (grow_state(rt) != 0) return -1;
+    fl_sched_state *st = &rt->st;
+    st->now = now_s() - rt->clock0;
+    st->iteration = rt->stats.iterations;
+    st->max_batch_tokens = rt->ctx->params.max_batch_tokens;
+    st->kv_pages_total = rt->ctx->n_pages;
+    st->ttft_slo = rt->p.ttft_slo;
+    st->tpot_slo = rt->p.tpot_slo;
+    st->n_jobs = 0;
+    for (int j = 0; j < rt->n_jobs; j++)
+        if (!rt->jobs[j].done && job_entry(rt, &rt->jobs[j], &st->jobs[st->n_jobs]))
+            rt->st_job_slot[st->n_jobs++] = j;
+    st->kv_pages_free = rt->ctx->n_pages - rt->reserved_pages;
+    st->seqs_free = fl_seqs_free(rt->ctx);
+    st->n_requests = 0;
+    for (int i = 0; i < rt->n_reqs; i++) {
+        const request *r = &rt->reqs[i];
+        if (r->state == REQ_DONE) continue;
+        fl_sched_request *e = &st->requests[st->n_requests++];
+        *e = (fl_sched_request){.id = r->id, .adapter = r->p.adapter ? 0 : -1,
+                                .prompt_len = r->n_prompt, .prefilled = r->n_prefilled,
+                                .generated = r->n_generated, .max_tokens = r->p.max_tokens,
+                                .pages_needed = r->reserved_pages, .arrival = r->arrival,
+                                .first_token = r->first_at, .last_token = r->last_at,
+                                .ttft_slo = rt->p.ttft_slo, .tpot_slo = rt->p.tpot_slo};
+        e->state = r->state == REQ_QUEUED ? FL_REQ_WAITING
+                   : r->n_prefilled < r->n_prompt ? FL_REQ_PREFILL
+                                                  : FL_REQ_DECODE;
+        e->kv_pages = r->state == REQ_RUNNING ? r->reserved_pages : 0;
+    }
+    return 0;
+}
+
+/* The plan for this iteration: the policy's when it gives a valid one, else built-in. */
+static void make_plan(fl_runtime *rt) {
+    if (rt->policy && !fl_policy_disabled(rt->policy)) {
+        rt->stats.policy_calls++;
+        int rc = fl_policy_schedule(rt->policy);
+        rt->stats.policy_seconds += fl_policy_last_seconds(rt->policy);
+        if (rc == 0 && fl_sched_validate(&rt->st, &rt->plan) == 0) return;
+        if (rc == 0) fl_policy_report_invalid(rt->policy, fl_last_error());
+        rt->stats.policy_failures++;
+    }
+    if (rt->policy) rt->stats.fallback_iterations++;
+    fl_sched_fcfs(&rt->st, &rt->plan, rt->p.prefill_chunk);
+}
+
+/* Index of the live request with this id (the state lists them in the same order). */
+static request *request_of(fl_runtime *rt, int state_index) {
+    int id = rt->st.requests[state_index].id;
+    for (int i = 0; i < rt->n_reqs; i++)
+        if (rt->reqs[i].id == id) return &rt->reqs[i];
+    return NULL;
+}
+
+static int admit(fl_runtime *rt, request *r) {
+    int seq = fl_seq_new(rt->ctx);
+    if (seq < 0) return -1;
+    r->seq = seq;
+    rt->reserved_pages += r->reserved_pages;
+    r->state = REQ_RUNNING;
+    return 0;
+}
+
+static void push(fl_runtime *rt, int *n, int32_t tok, int seq, int pos, int want,
+                 const fl_adapter *a) {
+    rt->tok[*n] = tok;
+    rt->seq[*n] = seq;
+    rt->pos[*n] = pos;
+    rt->want[*n] = (int8_t)want;
+    rt->adapter[*n] = a;
     (*n)++;
 }
 
-/* Fills the batch: decode tokens first, then prefill chunks in arrival order. */
-static int build_batch(fl_generator *g, int *n_rows) {
-    int T = g->ctx->params.max_batch_tokens, n = 0, rows = 0;
-    for (int i = 0; i < g->n_reqs && n < T; i++) {
-        request *r = &g->reqs[i];
-        if (r->state != REQ_RUNNING || r->n_prefilled < r->n_prompt) continue;
-        push(g, &n, r, r->last_token, r->n_prompt + r->n_generated - 1, 1);
-        g->row_req[rows++] = i;
-    }
-    for (int i = 0; i < g->n_reqs && n < T; i++) {
-        request *r = &g->reqs[i];
-        if (r->state == REQ_DONE) continue;
-        if (r->state == REQ_QUEUED && !admit(g, r)) break; /* keep arrival order */
-        if (r->n_prefilled >= r->n_prompt) continue;
-        int chunk = r->n_prompt - r->n_prefilled;
-        if (chunk > g->p.prefill_chunk) chunk = g->p.prefill_chunk;
-        if (chunk > T - n) chunk = T - n;
-        for (int j = 0; j < chunk; j++) {
-            int p = r->n_prefilled + j;
-            int last = p == r->n_prompt - 1;
-            push(g, &n, r, r->prompt[p], p, last);
-            if (last) g->row_req[rows++] = i;
+/* The plan as one batch: decode and prefill tokens, then finetuning forward tokens. */
+static int build_batch(fl_runtime *rt, int *n_rows) {
+    int n = 0, rows = 0;
+    for (int i = 0; i < rt->plan.n_items; i++) {
+        const fl_sched_item *it = &rt->plan.items[i];
+        request *r = request_of(rt, it->request);
+        if (r->state == REQ_QUEUED && admit(rt, r) != 0) return -1;
+        if (r->n_prefilled == r->n_prompt) { /* decode */
+            push(rt, &n, r->last_token, r->seq, r->n_prompt + r->n_generated - 1, 1, r->p.adapter);
+            rt->row_req[rows++] = (int)(r - rt->reqs);
+            continue;
         }
-        r->n_prefilled += chunk;
+        for (int j = 0; j < it->tokens; j++) {
+            int p = r->n_prefilled + j, last = p == r->n_prompt - 1;
+            push(rt, &n, r->prompt[p], r->seq, p, last, r->p.adapter);
+            if (last) rt->row_req[rows++] = (int)(r - rt->reqs);
+        }
+        r->n_prefilled += it->tokens;
+    }
+    for (int i = 0; i < rt->plan.n_ft; i++) {
+        const fl_sched_ft *f = &rt->plan.ft[i];
+        if (!f->forward_tokens) continue;
+        int rc;
+        fl_train_sample *t = fl_finetune_sample(rt->jobs[rt->st_job_slot[f->job]].ft, &rc);
+        for (int j = 0; j < f->forward_tokens; j++) {
+            int p = fl_train_forwarded(t) + j;
+            push(rt, &n, fl_train_tokens(t)[p], fl_train_seq(t), p, 0, NULL);
+        }
     }
     *n_rows = rows;
     return n;
+}
+
+/* After the forward: backward chunks, then each job's bookkeeping. */
+static void run_jobs(fl_runtime *rt) {
+    for (int i = 0; i < rt->plan.n_ft; i++) {
+        const fl_sched_ft *f = &rt->plan.ft[i];
+        job_slot *s = &rt->jobs[rt->st_job_slot[f->job]];
+        int rc;
+        fl_train_sample *t = fl_finetune_sample(s->ft, &rc);
+        if (f->backward_tokens && fl_train_backward(rt->ctx, t, f->backward_tokens) < 0) {
+            job_fail(s, fl_last_error());
+            continue;
+        }
+        int ended = fl_train_forwarded(t) == fl_train_length(t) &&
+                    fl_train_backward_left(t) == 0;
+        rt->stats.ft_forward_tokens += f->forward_tokens;
+        rt->stats.ft_backward_tokens += f->backward_tokens;
+        if (fl_finetune_advance(s->ft, f->forward_tokens) != 0) {
+            job_fail(s, fl_last_error());
+        }
+        if (ended) { /* the sample's pages went back with it */
+            rt->reserved_pages -= s->pages;
+            s->pages = 0;
+        }
+    }
 }
 
 static int append_text(char **buf, size_t *len, size_t *cap, const char *s, size_t n) {
@@ -262,48 +513,57 @@ static size_t held_back(const request *r) {
     return hold;
 }
 
-static int add_event(fl_generator *g, int *n_ev, request *r, int32_t tok, size_t emit_to,
+static int add_event(fl_runtime *rt, int *n_ev, request *r, int32_t tok, size_t emit_to,
                      fl_finish fin) {
-    if (*n_ev == g->cap_events) {
-        int cap = g->cap_events ? g->cap_events * 2 : 64;
-        fl_gen_event *ne = realloc(g->events, sizeof(fl_gen_event) * (size_t)cap);
+    if (*n_ev == rt->cap_events) {
+        int cap = rt->cap_events ? rt->cap_events * 2 : 64;
+        fl_gen_event *ne = realloc(rt->events, sizeof(fl_gen_event) * (size_t)cap);
         if (!ne) return fl_error("out of memory recording events");
-        g->events = ne;
-        g->cap_events = cap;
+        rt->events = ne;
+        rt->cap_events = cap;
     }
-    size_t off = g->event_text_len;
+    size_t off = rt->event_text_len;
     if (emit_to > r->emitted &&
-        append_text(&g->event_text, &g->event_text_len, &g->event_text_cap, r->text + r->emitted,
-                    emit_to - r->emitted) != 0)
+        append_text(&rt->event_text, &rt->event_text_len, &rt->event_text_cap,
+                    r->text + r->emitted, emit_to - r->emitted) != 0)
         return -1;
-    fl_gen_event *e = &g->events[(*n_ev)++];
+    fl_gen_event *e = &rt->events[(*n_ev)++];
     e->request = r->id;
     e->token = tok;
     e->text = (const char *)(uintptr_t)off; /* resolved to a pointer once the step is done */
-    e->text_len = (int)(g->event_text_len - off);
+    e->text_len = (int)(rt->event_text_len - off);
     e->finish = fin;
     if (emit_to > r->emitted) r->emitted = emit_to;
     return 0;
 }
 
-static void finish(fl_generator *g, request *r) {
-    fl_seq_free(g->ctx, r->seq);
-    g->reserved_pages -= r->reserved_pages;
+/* A request leaves: its pages return, and its SLO attainment is counted. */
+static void finish(fl_runtime *rt, request *r) {
+    fl_seq_free(rt->ctx, r->seq);
+    rt->reserved_pages -= r->reserved_pages;
     r->state = REQ_DONE;
+    double ttft = r->first_at - r->arrival;
+    double tpot = r->n_generated > 1 ? (r->last_at - r->first_at) / (r->n_generated - 1) : 0;
+    int met = (rt->p.ttft_slo <= 0 || ttft <= rt->p.ttft_slo) &&
+              (rt->p.tpot_slo <= 0 || tpot <= rt->p.tpot_slo);
+    rt->stats.requests_done++;
+    rt->stats.requests_slo_met += met;
 }
 
 /* Takes one sampled token: EOS, stop strings, max_tokens; emits its text. */
-static int accept_token(fl_generator *g, int *n_ev, request *r, int32_t tok) {
-    const fl_tokenizer *tk = g->ctx->model->tok;
+static int accept_token(fl_runtime *rt, int *n_ev, request *r, int32_t tok, double now) {
+    const fl_tokenizer *tk = rt->ctx->model->tok;
     r->n_generated++;
     r->last_token = tok;
+    if (r->first_at < 0) r->first_at = now;
+    r->last_at = now;
     if (!r->p.ignore_eos && fl_tokenizer_is_eos(tk, tok)) {
         char tail[16];
         int n = fl_detok_flush(tk, &r->detok, tail, sizeof tail);
         if (n > 0 && append_text(&r->text, &r->text_len, &r->text_cap, tail, (size_t)n) != 0)
             return -1;
-        finish(g, r);
-        return add_event(g, n_ev, r, tok, r->text_len, FL_FINISH_EOS);
+        finish(rt, r);
+        return add_event(rt, n_ev, r, tok, r->text_len, FL_FINISH_EOS);
     }
     char piece[256];
     int n = fl_detok_piece(tk, &r->detok, tok, piece, sizeof piece);
@@ -321,45 +581,142 @@ static int accept_token(fl_generator *g, int *n_ev, request *r, int32_t tok) {
         long hit = find_stop(r, from);
         if (hit >= 0) {
             r->text_len = (size_t)hit;
-            finish(g, r);
-            return add_event(g, n_ev, r, tok, r->text_len, FL_FINISH_STOP);
+            finish(rt, r);
+            return add_event(rt, n_ev, r, tok, r->text_len, FL_FINISH_STOP);
         }
     }
     if (at_limit) {
-        finish(g, r);
-        return add_event(g, n_ev, r, tok, r->text_len, FL_FINISH_LENGTH);
+        finish(rt, r);
+        return add_event(rt, n_ev, r, tok, r->text_len, FL_FINISH_LENGTH);
     }
-    return add_event(g, n_ev, r, tok, r->text_len - held_back(r), FL_FINISH_NONE);
+    return add_event(rt, n_ev, r, tok, r->text_len - held_back(r), FL_FINISH_NONE);
 }
 
 /* Drops finished requests; their last events were returned by the previous step. */
-static void compact(fl_generator *g) {
+static void compact(fl_runtime *rt) {
     int kept = 0;
-    for (int i = 0; i < g->n_reqs; i++) {
-        if (g->reqs[i].state == REQ_DONE) request_release(&g->reqs[i]);
-        else g->reqs[kept++] = g->reqs[i];
+    for (int i = 0; i < rt->n_reqs; i++) {
+        if (rt->reqs[i].state == REQ_DONE) request_release(&rt->reqs[i]);
+        else rt->reqs[kept++] = rt->reqs[i];
     }
-    g->n_reqs = kept;
+    rt->n_reqs = kept;
 }
 
-int fl_generator_step(fl_generator *g, const fl_gen_event **events) {
-    int n_rows, n_ev = 0;
-    compact(g);
-    g->event_text_len = 0;
+int fl_runtime_step(fl_runtime *rt, const fl_gen_event **events) {
+    int n_rows = 0, n_ev = 0;
+    compact(rt);
+    rt->event_text_len = 0;
     *events = NULL;
-    int n = build_batch(g, &n_rows);
-    if (n == 0) return 0;
-    fl_batch b = {.n_tokens = n, .token = g->tok, .seq = g->seq, .pos = g->pos, .logits = g->want,
-                  .adapter = g->adapter};
-    if (fl_forward(g->ctx, &b, g->logits) != n_rows) return fl_error_prefix("generator step");
-    int vocab = g->ctx->model->cfg.vocab_size;
+    double t0 = now_s();
+    if (fill_state(rt) != 0) return -1;
+    make_plan(rt);
+    double features[4], context;
+    fl_sched_plan_features(&rt->st, &rt->plan, features, &context);
+    int n = build_batch(rt, &n_rows);
+    if (n < 0) return -1;
+    if (n > 0) {
+        fl_batch b = {.n_tokens = n, .token = rt->tok, .seq = rt->seq, .pos = rt->pos,
+                      .logits = rt->want, .adapter = rt->adapter};
+        if (fl_forward(rt->ctx, &b, rt->logits) != n_rows) return fl_error_prefix("runtime step");
+    }
+    run_jobs(rt);
+    double now = now_s() - rt->clock0;
+    int vocab = rt->ctx->model->cfg.vocab_size;
     for (int row = 0; row < n_rows; row++) {
-        request *r = &g->reqs[g->row_req[row]];
-        int32_t tok = fl_sampler_sample(r->sampler, g->logits + (size_t)row * vocab);
-        if (accept_token(g, &n_ev, r, tok) != 0) return -1;
+        request *r = &rt->reqs[rt->row_req[row]];
+        int32_t tok = fl_sampler_sample(r->sampler, rt->logits + (size_t)row * vocab);
+        if (accept_token(rt, &n_ev, r, tok, now) != 0) return -1;
     }
     for (int i = 0; i < n_ev; i++)
-        g->events[i].text = g->event_text + (uintptr_t)g->events[i].text;
-    *events = g->events;
+        rt->events[i].text = rt->event_text + (uintptr_t)rt->events[i].text;
+    double took = now_s() - t0;
+    if (rt->plan.n_items || rt->plan.n_ft)
+        fl_cost_observe(&rt->fit, &rt->st.cost, features, context, took);
+    rt->st.last_iteration_s = took;
+    rt->stats.iterations++;
+    rt->stats.busy_seconds += took;
+    *events = rt->events;
     return n_ev;
+}
+
+static volatile sig_atomic_t sighup_count; /* SIGHUPs received */
+
+static void on_sighup(int sig) {
+    (void)sig;
+    sighup_count++;
+}
+
+void fl_runtime_watch_sighup(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_sighup;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGHUP, &sa, NULL);
+}
+
+int fl_runtime_poll_reload(fl_runtime *rt, double debounce) {
+    if (!rt->policy_path) return 0;
+    int hup = (int)sighup_count != rt->sighup_seen;
+    rt->sighup_seen = (int)sighup_count;
+    if (!hup) {
+        double m = mtime_of(rt->policy_path), now = now_s();
+        if (m != rt->seen_mtime) { /* a writer is at work: wait until it stops */
+            rt->seen_mtime = m;
+            rt->changed_at = now;
+            return 0;
+        }
+        if (rt->changed_at < 0 || now - rt->changed_at < debounce) return 0;
+        rt->changed_at = -1;
+        if (fl_policy_hash_file(rt->policy_path) == fl_policy_hash(rt->policy)) return 0;
+    }
+    char *path = strdup(rt->policy_path);
+    int rc = path ? fl_runtime_reload(rt, path) : fl_error("out of memory");
+    free(path);
+    return rc == 0 ? 1 : -1;
+}
+
+int fl_runtime_reload(fl_runtime *rt, const char *path) {
+    fl_policy_params pp = policy_params(rt);
+    if (fill_state(rt) != 0) return -1;
+    /* Dry run on a copy of the live state, so a bad policy touches nothing real. */
+    fl_sched_state copy = rt->st;
+    fl_sched_plan plan = {.cap_items = rt->plan.cap_items, .cap_ft = rt->plan.cap_ft};
+    copy.requests = fl_malloc(sizeof(fl_sched_request) * (size_t)(rt->st.n_requests + 1));
+    copy.jobs = fl_malloc(sizeof(fl_sched_job) * (size_t)(rt->st.n_jobs + 1));
+    plan.items = fl_malloc(sizeof(fl_sched_item) * (size_t)plan.cap_items);
+    plan.ft = fl_malloc(sizeof(fl_sched_ft) * (size_t)(plan.cap_ft + 1));
+    int rc = copy.requests && copy.jobs && plan.items && plan.ft ? 0 : -1;
+    if (rc == 0 && rt->st.n_requests)
+        memcpy(copy.requests, rt->st.requests, sizeof(fl_sched_request) * rt->st.n_requests);
+    if (rc == 0 && rt->st.n_jobs)
+        memcpy(copy.jobs, rt->st.jobs, sizeof(fl_sched_job) * rt->st.n_jobs);
+    char *saved = rt->policy ? fl_policy_export(rt->policy) : NULL;
+    fl_policy *trial = rc == 0 ? fl_policy_load(path, &copy, &plan, &pp, saved) : NULL;
+    if (!trial) rc = -1;
+    else if (fl_policy_schedule(trial) != 0)
+        rc = fl_error("%s: its dry run failed: %s", path, fl_policy_last_error(trial));
+    else if (fl_sched_validate(&copy, &plan) != 0)
+        rc = fl_error_prefix("%s: its dry run gave an invalid plan", path);
+    fl_policy_free(trial);
+    free(copy.requests);
+    free(copy.jobs);
+    free(plan.items);
+    free(plan.ft);
+    fl_policy *next = NULL;
+    char *next_path = NULL;
+    if (rc == 0 && (!(next_path = strdup(path)) ||
+                    !(next = fl_policy_load(path, &rt->st, &rt->plan, &pp, saved))))
+        rc = -1;
+    free(saved);
+    if (rc != 0) {
+        free(next_path);
+        return -1;
+    }
+    fl_policy_free(rt->policy);
+    free(rt->policy_path);
+    rt->policy = next;
+    rt->policy_path = next_path;
+    rt->stats.reloads++;
+    return 0;
 }

@@ -11,7 +11,7 @@
 
 static int check_items(const fl_sched_state *st, const fl_sched_plan *plan, char *seen,
                        long *tokens) {
-    int pages = st->kv_pages_free;
+    int pages = st->kv_pages_free, seqs = st->seqs_free;
     for (int i = 0; i < plan->n_items; i++) {
         const fl_sched_item *it = &plan->items[i];
         if (it->request < 0 || it->request >= st->n_requests)
@@ -31,7 +31,11 @@ static int check_items(const fl_sched_state *st, const fl_sched_plan *plan, char
             if (need > pages)
                 return fl_error("plan item %d: admitting request %d needs %d KV pages, %d are "
                                 "left", i, r->id, need, pages);
+            if (seqs == 0)
+                return fl_error("plan item %d: admitting request %d needs a sequence slot, none "
+                                "is left", i, r->id);
             pages -= need;
+            seqs--;
         }
         *tokens += it->tokens;
     }
@@ -79,8 +83,8 @@ int fl_sched_validate(const fl_sched_state *st, const fl_sched_plan *plan) {
     return rc;
 }
 
-void fl_sched_fcfs(const fl_sched_state *st, fl_sched_plan *plan) {
-    int budget = st->max_batch_tokens, pages = st->kv_pages_free;
+void fl_sched_fcfs(const fl_sched_state *st, fl_sched_plan *plan, int max_chunk) {
+    int budget = st->max_batch_tokens, pages = st->kv_pages_free, seqs = st->seqs_free;
     plan->n_items = plan->n_ft = 0;
     for (int i = 0; i < st->n_requests && budget > 0 && plan->n_items < plan->cap_items; i++)
         if (st->requests[i].state == FL_REQ_DECODE) {
@@ -92,10 +96,12 @@ void fl_sched_fcfs(const fl_sched_state *st, fl_sched_plan *plan) {
         if (r->state == FL_REQ_DECODE) continue;
         if (r->state == FL_REQ_WAITING) {
             int need = r->pages_needed - r->kv_pages;
-            if (need > pages) break; /* later arrivals wait behind it */
+            if (need > pages || seqs == 0) break; /* later arrivals wait behind it */
             pages -= need;
+            seqs--;
         }
         int left = r->prompt_len - r->prefilled, chunk = left < budget ? left : budget;
+        if (max_chunk > 0 && chunk > max_chunk) chunk = max_chunk;
         plan->items[plan->n_items++] = (fl_sched_item){i, chunk};
         budget -= chunk;
     }

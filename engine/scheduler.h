@@ -10,9 +10,10 @@
  * Returns 0, or -1 with what is wrong in fl_last_error(). */
 int fl_sched_validate(const fl_sched_state *st, const fl_sched_plan *plan);
 
-/* The fallback plan: decodes, then prefill chunks in arrival order (admitting waiting
- * requests while pages last, never out of order), then finetuning with what is left. */
-void fl_sched_fcfs(const fl_sched_state *st, fl_sched_plan *plan);
+/* The fallback plan: decodes, then prefill chunks of at most max_chunk tokens (0: no
+ * limit) in arrival order (admitting waiting requests while pages last, never out of
+ * order), then finetuning with what is left. */
+void fl_sched_fcfs(const fl_sched_state *st, fl_sched_plan *plan, int max_chunk);
 
 /* Least squares of iteration seconds on the token counts by kind and the decode
  * context, with exponential forgetting so the fit follows the machine. */

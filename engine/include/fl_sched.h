@@ -77,6 +77,7 @@ typedef struct {
     int32_t max_batch_tokens; /* forward tokens in one iteration at most */
     int32_t kv_pages_free;
     int32_t kv_pages_total;
+    int32_t seqs_free;        /* sequence slots left: each admitted request takes one */
     int32_t n_requests;       /* running and waiting, in arrival order */
     fl_sched_request *requests;
     int32_t n_jobs;

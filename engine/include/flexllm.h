@@ -151,6 +151,7 @@ int fl_seq_len(const fl_context *ctx, int seq);
 const fl_model *fl_context_model(const fl_context *ctx);
 int fl_context_max_batch_tokens(const fl_context *ctx);
 int fl_kv_pages_total(const fl_context *ctx);
+int fl_seqs_free(const fl_context *ctx); /* sequence slots not live */
 int fl_kv_pages_free(const fl_context *ctx);
 
 /* One forward over tokens of many sequences. Each sequence's tokens appear in
@@ -470,6 +471,107 @@ int fl_finetune_checkpoint(fl_finetune *job);
 /* Mean loss of samples [first, first+count) of a dataset with an adapter (or none). */
 double fl_evaluate(fl_context *ctx, fl_adapter *adapter, const fl_dataset *ds, int first,
                    int count);
+
+/* ---------------------------------------------------------------- runtime
+ * Co-serving: inference requests and finetuning jobs share every iteration. Before
+ * each one the runtime fills the scheduling state (fl_sched.h), asks the policy (a
+ * LuaJIT file; none: the built-in first-come-first-served plan) for a plan, checks it
+ * (an invalid plan or a failing policy falls back to the built-in plan), and runs it as
+ * one fused forward plus the planned backward chunks. */
+
+typedef struct {
+    const char *policy;        /* policy file, or NULL for the built-in plan */
+    float ttft_slo, tpot_slo;  /* seconds; 0: no rule */
+    int prefill_chunk;         /* the built-in plan's most prompt tokens per request per iteration */
+    double policy_time_budget; /* seconds per policy call */
+    size_t policy_mem_limit;   /* bytes of the policy's Lua state */
+    int policy_max_failures;   /* consecutive failures before it is disabled */
+} fl_runtime_params;
+
+fl_runtime_params fl_runtime_default_params(void);
+
+typedef struct {
+    long long iterations;
+    long long policy_calls, policy_failures, fallback_iterations;
+    int policy_disabled;
+    const char *policy_error;   /* the last failure with its traceback ("" if none) */
+    double policy_seconds;      /* total time in policy calls */
+    double busy_seconds;        /* total time in iterations */
+    long long requests_done, requests_slo_met;
+    long long ft_forward_tokens, ft_backward_tokens;
+    int reloads;
+} fl_runtime_stats;
+
+typedef struct fl_runtime fl_runtime;
+
+fl_runtime *fl_runtime_new(fl_context *ctx, const fl_runtime_params *params);
+void fl_runtime_free(fl_runtime *rt);
+/* Queues a request; its id, or -1. */
+int fl_runtime_submit(fl_runtime *rt, const int32_t *prompt, int n_prompt,
+                      const fl_request_params *params);
+/* Adds a finetuning job, which the runtime then owns; its id, or -1. */
+int fl_runtime_add_job(fl_runtime *rt, fl_finetune *job);
+/* One iteration. Returns the number of events (see fl_generator_step), or -1. */
+int fl_runtime_step(fl_runtime *rt, const fl_gen_event **events);
+/* Requests queued or running plus jobs not finished. */
+int fl_runtime_active(const fl_runtime *rt);
+/* Loads a new policy file: it must load and give a valid plan on a copy of the live
+ * state; then it replaces the current one, receiving its export_state(). On any
+ * failure the current policy stays and -1 is returned with the reason. */
+int fl_runtime_reload(fl_runtime *rt, const char *path);
+/* Reloads the policy file when it has changed: its modification time moved and, once it
+ * has stayed put for debounce seconds, its content hash differs; or when SIGHUP arrived
+ * (see fl_runtime_watch_sighup). Call between iterations. 1 reloaded, 0 nothing to do,
+ * -1 the reload failed (the current policy stays; the error says why). */
+int fl_runtime_poll_reload(fl_runtime *rt, double debounce);
+/* Installs a SIGHUP handler that asks every runtime to reload at its next poll. */
+void fl_runtime_watch_sighup(void);
+void fl_runtime_get_stats(const fl_runtime *rt, fl_runtime_stats *stats);
+/* A job's error when it failed ("" while fine), by job id. */
+const char *fl_runtime_job_error(const fl_runtime *rt, int job);
+
+/* -------------------------------------------------------------------- sim
+ * The simulated executor: the same scheduling state, policies and fallback, no math.
+ * Iterations take the time a cost profile predicts, on a virtual clock, so policies
+ * can be evaluated at 8B scale and 20 req/s on a laptop. Deterministic. */
+
+typedef struct {
+    char name[128];
+    int analytic;              /* derived from FLOPs and bandwidth rather than measured */
+    double fixed;              /* seconds per iteration */
+    double per_token[4];       /* prefill, decode, finetuning forward, finetuning backward */
+    double per_context;        /* seconds per context token a decode attends to */
+    int max_batch_tokens;
+    int kv_pages;              /* of FL_KV_PAGE_TOKENS tokens */
+    int max_seqs;
+} fl_sim_profile;
+
+/* Reads a profile JSON; errors name the file and field. */
+int fl_sim_profile_load(const char *path, fl_sim_profile *profile);
+
+typedef struct fl_sim fl_sim;
+
+typedef struct {
+    long long requests_done, requests_slo_met;
+    double ttft_p50, ttft_p99, tpot_p50, tpot_p99;  /* seconds */
+    long long ft_forward_tokens, ft_backward_tokens;
+    double clock;               /* virtual seconds simulated */
+    long long iterations, policy_failures;
+} fl_sim_stats;
+
+/* policy: a policy file, or NULL for the built-in plan. */
+fl_sim *fl_sim_new(const fl_sim_profile *profile, const char *policy, float ttft_slo,
+                   float tpot_slo);
+void fl_sim_free(fl_sim *sim);
+/* A request arriving at a virtual time with its prompt and output lengths (output is
+ * generated to the end, as FlexLLM's evaluation does). */
+int fl_sim_submit(fl_sim *sim, double arrival, int prompt_len, int output_len);
+/* A finetuning job over samples of the given lengths (copied), stepping every grad_accum. */
+int fl_sim_add_job(fl_sim *sim, const int *sample_lens, int n_samples, int epochs,
+                   int grad_accum);
+/* Runs until every request is done and every job finished, or the clock passes until. */
+int fl_sim_run(fl_sim *sim, double until);
+void fl_sim_get_stats(const fl_sim *sim, fl_sim_stats *stats);
 
 #ifdef __cplusplus
 }

@@ -30,6 +30,7 @@ static void reset(void) {
     jobs[1] = (fl_sched_job){.id = 8, .phase = FL_JOB_BACKWARD, .sample_len = 64, .forwarded = 64,
                              .backward_left = 30};
     st = (fl_sched_state){.max_batch_tokens = 64, .kv_pages_free = 6, .kv_pages_total = 20,
+                          .seqs_free = 8,
                           .n_requests = 6, .requests = reqs, .n_jobs = 2, .jobs = jobs};
     plan = (fl_sched_plan){.cap_items = 64, .items = items, .cap_ft = 4, .ft = fts};
 }
@@ -61,11 +62,13 @@ static void test_validate(void) {
     add_ft(2, 1, 0), invalid("a job index out of range", "job index 2 outside [0, 2)");
     add_ft(0, 1, 0), add_ft(0, 1, 0), invalid("a job twice", "job 0 appears twice");
     plan.n_items = 65, invalid("more items than the capacity", "65 items (capacity 64)");
+    st.seqs_free = 1, add_item(3, 8), add_item(4, 8), st.kv_pages_free = 20;
+    invalid("admissions beyond the free sequence slots", "needs a sequence slot, none is left");
 }
 
 static void test_fcfs(void) {
     reset();
-    fl_sched_fcfs(&st, &plan);
+    fl_sched_fcfs(&st, &plan, 0);
     int ok = fl_sched_validate(&st, &plan) == 0 && plan.n_items >= 3 && items[0].request == 0 &&
              items[1].request == 1 && items[2].request == 2 && items[2].tokens == 24;
     /* 62 tokens left after the decodes: 24 for request 2, 38 for request 3 (admitted, 4 pages) */
@@ -76,7 +79,7 @@ static void test_fcfs(void) {
     reset();
     st.kv_pages_free = 3; /* request 3 does not fit: nobody behind it is admitted */
     reqs[4].pages_needed = 1;
-    fl_sched_fcfs(&st, &plan);
+    fl_sched_fcfs(&st, &plan, 0);
     int behind = 0;
     for (int i = 0; i < plan.n_items; i++) behind |= items[i].request >= 3;
     tap_ok(!behind && fl_sched_validate(&st, &plan) == 0,
