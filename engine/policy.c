@@ -53,10 +53,10 @@ struct fl_policy {
 };
 
 /* The host's Lua half. Arguments: state and plan (lightuserdata), the C sizes of the ABI
- * structs, the policy's source and path, the saved state's source (or nil). Returns
+ * structs, the policy's source and path, the saved state's and the options' sources (or nil). Returns
  * schedule, export_state (or false) and the serialiser, or nil and a message. */
 static const char prelude[] =
-    "local state_p, plan_p, sizes, source, path, saved_src = ...\n"
+    "local state_p, plan_p, sizes, source, path, saved_src, options_src = ...\n"
     "local ffi = require 'ffi'\n"
     /* The time budget is a debug hook: compiled code skips it, and a policy may not drop it. */
     "jit.on = function() error('policies run with the JIT off: their time budget needs the interpreter', 2) end\n"
@@ -95,15 +95,20 @@ static const char prelude[] =
     "    return nil, path .. ': ' .. k .. ' is a ' .. type(policy[k]) .. ', not a function'\n"
     "  end\n"
     "end\n"
-    "local saved\n"
-    "if saved_src then\n"
-    "  local f, e = loadstring('return ' .. saved_src, '=saved state')\n"
-    "  if not f then return nil, path .. ': the saved state does not parse: ' .. e end\n"
-    "  saved = setfenv(f, {})()\n"
+    "local function data(src, what)\n"
+    "  if not src then return nil end\n"
+    "  local f, e = loadstring('return ' .. src, '=' .. what)\n"
+    "  if not f then error(path .. ': the ' .. what .. ' do not parse: ' .. e, 0) end\n"
+    "  return setfenv(f, {})()\n"
     "end\n"
+    "local ok_data, saved = pcall(data, saved_src, 'saved state')\n"
+    "if not ok_data then return nil, saved end\n"
+    "local ok_opts, options = pcall(data, options_src, 'policy options')\n"
+    "if not ok_opts then return nil, options end\n"
     "if policy.init then\n"
     "  policy.init({ state = ffi.cast('fl_sched_state *', state_p),\n"
-    "                plan = ffi.cast('fl_sched_plan *', plan_p), saved = saved })\n"
+    "                plan = ffi.cast('fl_sched_plan *', plan_p), saved = saved,\n"
+    "                options = options })\n"
     "end\n"
     /* Plain data to Lua source; `keys` is the path to the value, for the message. */
     "local function dump(v, out, open, keys)\n"
@@ -311,7 +316,11 @@ static int load_protected(lua_State *L) {
         lua_pushstring(L, a->saved);
     else
         lua_pushnil(L);
-    if (lua_pcall(L, 6, 3, handler) != 0) {
+    if (pol->params.options)
+        lua_pushstring(L, pol->params.options);
+    else
+        lua_pushnil(L);
+    if (lua_pcall(L, 7, 3, handler) != 0) {
         a->raised = 1;
         return lua_error(L);
     }

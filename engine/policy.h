@@ -26,6 +26,7 @@ typedef struct {
     size_t mem_limit;   /* bytes the policy's Lua state may hold (default 64 MiB) */
     double time_budget; /* seconds one schedule() call may take (default 0.002) */
     int max_failures;   /* consecutive failures before the policy is disabled (default 5) */
+    const char *options; /* Lua source of a table of plain data, given as ctx.options (or NULL) */
 } fl_policy_params;
 
 fl_policy_params fl_policy_default_params(void);

@@ -50,6 +50,7 @@ struct fl_runtime {
     fl_context *ctx;
     fl_runtime_params p;
     char *policy_path;
+    char *options;         /* ctx.options source, kept across reloads */
     fl_policy *policy;
     double seen_mtime;     /* the policy file's modification time at the last check */
     double changed_at;     /* when a new modification time was first seen, or -1 */
@@ -109,6 +110,7 @@ static fl_policy_params policy_params(const fl_runtime *rt) {
     pp.time_budget = rt->p.policy_time_budget;
     pp.mem_limit = rt->p.policy_mem_limit;
     pp.max_failures = rt->p.policy_max_failures;
+    pp.options = rt->options;
     return pp;
 }
 
@@ -122,7 +124,8 @@ fl_runtime *fl_runtime_new(fl_context *ctx, const fl_runtime_params *params) {
     if (!rt) return NULL;
     rt->ctx = ctx;
     rt->p = p;
-    rt->p.policy = NULL;
+    rt->p.policy = rt->p.policy_options = NULL;
+    if (p.policy_options && !(rt->options = strdup(p.policy_options))) goto fail;
     rt->clock0 = now_s();
     rt->stats.policy_error = "";
     int T = ctx->params.max_batch_tokens;
@@ -170,6 +173,7 @@ void fl_runtime_free(fl_runtime *rt) {
     for (int j = 0; j < rt->n_jobs; j++) fl_finetune_free(rt->jobs[j].ft);
     fl_policy_free(rt->policy);
     free(rt->policy_path);
+    free(rt->options);
     free(rt->reqs);
     free(rt->jobs);
     free(rt->st.requests);

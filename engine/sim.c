@@ -79,8 +79,8 @@ int fl_sim_profile_load(const char *path, fl_sim_profile *p) {
     return 0;
 }
 
-fl_sim *fl_sim_new(const fl_sim_profile *profile, const char *policy, float ttft_slo,
-                   float tpot_slo) {
+fl_sim *fl_sim_new(const fl_sim_profile *profile, const char *policy, const char *options,
+                   float ttft_slo, float tpot_slo) {
     fl_sim *s = fl_calloc(1, sizeof *s);
     if (!s) return NULL;
     s->prof = *profile;
@@ -96,6 +96,7 @@ fl_sim *fl_sim_new(const fl_sim_profile *profile, const char *policy, float ttft
     s->st.cost.fitted = 1;
     if (policy) {
         fl_policy_params pp = fl_policy_default_params();
+        pp.options = options;
         if (!(s->policy = fl_policy_load(policy, &s->st, &s->plan, &pp, NULL))) goto fail;
     }
     return s;

@@ -481,6 +481,7 @@ double fl_evaluate(fl_context *ctx, fl_adapter *adapter, const fl_dataset *ds, i
 
 typedef struct {
     const char *policy;        /* policy file, or NULL for the built-in plan */
+    const char *policy_options; /* Lua source of a table the policy gets as ctx.options */
     float ttft_slo, tpot_slo;  /* seconds; 0: no rule */
     int prefill_chunk;         /* the built-in plan's most prompt tokens per request per iteration */
     double policy_time_budget; /* seconds per policy call */
@@ -559,9 +560,10 @@ typedef struct {
     long long iterations, policy_failures;
 } fl_sim_stats;
 
-/* policy: a policy file, or NULL for the built-in plan. */
-fl_sim *fl_sim_new(const fl_sim_profile *profile, const char *policy, float ttft_slo,
-                   float tpot_slo);
+/* policy: a policy file, or NULL for the built-in plan; options: Lua source of a table
+ * the policy gets as ctx.options, or NULL. */
+fl_sim *fl_sim_new(const fl_sim_profile *profile, const char *policy, const char *options,
+                   float ttft_slo, float tpot_slo);
 void fl_sim_free(fl_sim *sim);
 /* A request arriving at a virtual time with its prompt and output lengths (output is
  * generated to the end, as FlexLLM's evaluation does). */

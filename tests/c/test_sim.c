@@ -18,9 +18,13 @@ static void submit_trace(fl_sim *s, int n, double rate, uint64_t seed) {
     }
 }
 
-static fl_sim_stats run(const fl_sim_profile *p, const char *policy, double rate, int job,
-                        uint64_t seed) {
-    fl_sim *s = fl_sim_new(p, policy, 5.0f, 0.045f);
+static fl_sim_stats run_with(const fl_sim_profile *p, const char *policy, const char *options,
+                             double rate, int job, uint64_t seed) {
+    fl_sim *s = fl_sim_new(p, policy, options, 5.0f, 0.045f);
+    if (!s) {
+        tap_diag("sim: %s", fl_last_error());
+        return (fl_sim_stats){0};
+    }
     submit_trace(s, 400, rate, seed);
     int lens[50];
     for (int i = 0; i < 50; i++) lens[i] = 512 + (i * 97) % 1024;
@@ -30,6 +34,11 @@ static fl_sim_stats run(const fl_sim_profile *p, const char *policy, double rate
     fl_sim_get_stats(s, &st);
     fl_sim_free(s);
     return st;
+}
+
+static fl_sim_stats run(const fl_sim_profile *p, const char *policy, double rate, int job,
+                        uint64_t seed) {
+    return run_with(p, policy, NULL, rate, job, seed);
 }
 
 int main(void) {
@@ -54,6 +63,12 @@ int main(void) {
     tap_ok(a.ft_forward_tokens == a.ft_backward_tokens && a.ft_forward_tokens > 0,
            "a finetuning job runs every sample forward and backward beside inference (%lld tokens "
            "each way, %.0f forward tokens/s)", a.ft_forward_tokens, a.ft_forward_tokens / a.clock);
+    fl_sim_stats often = run_with(&p, "policies/temporal.lua", "{ every = 2 }", 5.0, 1, 7);
+    fl_sim_stats rarely = run_with(&p, "policies/temporal.lua", "{ every = 512 }", 5.0, 1, 7);
+    tap_ok(often.requests_done == 400 && often.ft_forward_tokens > 0 &&
+               often.clock != rarely.clock,
+           "policy options reach the policy: temporal every 2 iterations and every 512 run "
+           "differently (%.1f s vs %.1f s of virtual time)", often.clock, rarely.clock);
     fl_sim_profile bad;
     FILE *f = fopen("build/tmp/bad_profile.json", "wb");
     fputs("{\"fixed\": 0.001, \"per_token\": {\"prefill\": 1e-5}}", f);
