@@ -89,11 +89,11 @@ fl_sim *fl_sim_new(const fl_sim_profile *profile, const char *policy, const char
     s->plan.cap_items = profile->max_batch_tokens;
     s->plan.items = fl_malloc(sizeof(fl_sched_item) * (size_t)profile->max_batch_tokens);
     if (!s->plan.items) goto fail;
-    /* The policy sees the profile's coefficients as a fitted cost model. */
+    /* The profile is the simulated machine's true cost: a model fitted without end. */
     s->st.cost.fixed = profile->fixed;
     memcpy(s->st.cost.per_token, profile->per_token, sizeof profile->per_token);
     s->st.cost.per_context = profile->per_context;
-    s->st.cost.fitted = 1;
+    s->st.cost.fitted = 1 << 30;
     if (policy) {
         fl_policy_params pp = fl_policy_default_params();
         pp.options = options;
