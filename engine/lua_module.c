@@ -15,6 +15,7 @@
 #define GEN_MT "flexllm.generator"
 #define ADAPTER_MT "flexllm.adapter"
 #define JOB_MT "flexllm.finetune"
+#define RT_MT "flexllm.runtime"
 
 typedef struct {
     void *ptr;
@@ -387,47 +388,63 @@ static int l_gen_gc(lua_State *L) {
     return 0;
 }
 
-static int l_gen_add(lua_State *L) {
-    fl_generator *g = check(L, 1, GEN_MT);
-    int n;
-    check_opts(L, 3);
-    fl_request_params p = fl_request_default_params();
-    p.max_tokens = opt_int(L, 3, "max_tokens", p.max_tokens);
-    p.sampling.temperature = (float)opt_num(L, 3, "temperature", p.sampling.temperature);
-    p.sampling.top_k = opt_int(L, 3, "top_k", p.sampling.top_k);
-    p.sampling.top_p = (float)opt_num(L, 3, "top_p", p.sampling.top_p);
-    p.sampling.seed = (uint64_t)opt_num(L, 3, "seed", 0);
-    p.ignore_eos = opt_bool(L, 3, "ignore_eos", 0);
-    if (!lua_isnoneornil(L, 3)) {
-        lua_getfield(L, 3, "adapter");
-        if (!lua_isnil(L, -1)) p.adapter = check(L, -1, ADAPTER_MT);
-        lua_pop(L, 1); /* the caller keeps the adapter alive while the request runs */
-    }
-    const char *stops[16];
-    if (!lua_isnoneornil(L, 3)) {
-        lua_getfield(L, 3, "stop");
-        if (lua_isstring(L, -1)) {
-            stops[p.n_stop++] = lua_tostring(L, -1);
-        } else if (lua_istable(L, -1)) {
-            int k = (int)lua_objlen(L, -1);
-            if (k > 16) return luaL_error(L, "option 'stop' holds %d strings, at most 16", k);
-            for (int i = 1; i <= k; i++) {
-                lua_rawgeti(L, -1, i);
-                if (!lua_isstring(L, -1)) return luaL_error(L, "option 'stop' item %d is not a string", i);
-                stops[p.n_stop++] = lua_tostring(L, -1);
-                lua_pop(L, 1); /* the string stays alive in the table */
-            }
-        } else if (!lua_isnil(L, -1)) {
-            return luaL_error(L, "option 'stop' must be a string or a list of strings");
+#define MAX_STOPS 16
+
+/* A request's options at idx into p; stops holds the stop strings, which stay alive in
+ * the options table for the call. */
+static void request_options(lua_State *L, int idx, fl_request_params *p, const char **stops) {
+    check_opts(L, idx);
+    *p = fl_request_default_params();
+    p->max_tokens = opt_int(L, idx, "max_tokens", p->max_tokens);
+    p->sampling.temperature = (float)opt_num(L, idx, "temperature", p->sampling.temperature);
+    p->sampling.top_k = opt_int(L, idx, "top_k", p->sampling.top_k);
+    p->sampling.top_p = (float)opt_num(L, idx, "top_p", p->sampling.top_p);
+    p->sampling.seed = (uint64_t)opt_num(L, idx, "seed", 0);
+    p->ignore_eos = opt_bool(L, idx, "ignore_eos", 0);
+    if (lua_isnoneornil(L, idx)) return;
+    lua_getfield(L, idx, "adapter");
+    if (!lua_isnil(L, -1)) p->adapter = check(L, -1, ADAPTER_MT);
+    lua_pop(L, 1); /* the caller keeps the adapter alive while the request runs */
+    lua_getfield(L, idx, "stop");
+    if (lua_isstring(L, -1)) {
+        stops[p->n_stop++] = lua_tostring(L, -1);
+    } else if (lua_istable(L, -1)) {
+        int k = (int)lua_objlen(L, -1);
+        if (k > MAX_STOPS) luaL_error(L, "option 'stop' holds %d strings, at most %d", k, MAX_STOPS);
+        for (int i = 1; i <= k; i++) {
+            lua_rawgeti(L, -1, i);
+            if (!lua_isstring(L, -1)) luaL_error(L, "option 'stop' item %d is not a string", i);
+            stops[p->n_stop++] = lua_tostring(L, -1);
+            lua_pop(L, 1);
         }
-        p.stop = stops;
+    } else if (!lua_isnil(L, -1)) {
+        luaL_error(L, "option 'stop' must be a string or a list of strings");
     }
+    lua_pop(L, 1);
+    p->stop = stops;
+}
+
+/* Queues the ids at 2 with the options at 3 through submit; pushes the id or nil, error. */
+static int submit_request(lua_State *L, void *target,
+                          int (*submit)(void *, const int32_t *, int, const fl_request_params *)) {
+    const char *stops[MAX_STOPS];
+    fl_request_params p;
+    request_options(L, 3, &p, stops);
+    int n;
     int32_t *ids = ids_from_table(L, 2, &n);
-    int id = fl_generator_add(g, ids, n, &p);
+    int id = submit(target, ids, n, &p);
     free(ids);
     if (id < 0) return fail(L);
     lua_pushinteger(L, id);
     return 1;
+}
+
+static int generator_submit(void *g, const int32_t *ids, int n, const fl_request_params *p) {
+    return fl_generator_add(g, ids, n, p);
+}
+
+static int l_gen_add(lua_State *L) {
+    return submit_request(L, check(L, 1, GEN_MT), generator_submit);
 }
 
 static const char *finish_name(fl_finish f) {
@@ -439,11 +456,8 @@ static const char *finish_name(fl_finish f) {
     }
 }
 
-static int l_gen_step(lua_State *L) {
-    fl_generator *g = check(L, 1, GEN_MT);
-    const fl_gen_event *ev;
-    int n = fl_generator_step(g, &ev);
-    if (n < 0) return fail(L);
+/* Pushes a list of event tables: request, token, text, and finish/eos at the end. */
+static int push_events(lua_State *L, const fl_gen_event *ev, int n) {
     lua_createtable(L, n, 0);
     for (int i = 0; i < n; i++) {
         lua_createtable(L, 0, 4);
@@ -463,6 +477,12 @@ static int l_gen_step(lua_State *L) {
         lua_rawseti(L, -2, i + 1);
     }
     return 1;
+}
+
+static int l_gen_step(lua_State *L) {
+    const fl_gen_event *ev;
+    int n = fl_generator_step(check(L, 1, GEN_MT), &ev);
+    return n < 0 ? fail(L) : push_events(L, ev, n);
 }
 
 static int l_gen_active(lua_State *L) {
@@ -523,14 +543,17 @@ static int l_ctx_finetune(lua_State *L) {
 
 static int l_job_gc(lua_State *L) {
     handle *h = luaL_checkudata(L, 1, JOB_MT);
-    if (h->ptr) fl_finetune_free(h->ptr);
+    if (h->ptr && h->owned) fl_finetune_free(h->ptr);
     h->ptr = NULL;
     return 0;
 }
 
 /* job:step(max_tokens) -> true while running, false when done; nil, message on error. */
 static int l_job_step(lua_State *L) {
-    int rc = fl_finetune_step(check(L, 1, JOB_MT), (int)luaL_optinteger(L, 2, 128));
+    fl_finetune *job = check(L, 1, JOB_MT);
+    if (!((handle *)lua_touserdata(L, 1))->owned)
+        return luaL_error(L, "this finetuning job runs in a runtime: step the runtime instead");
+    int rc = fl_finetune_step(job, (int)luaL_optinteger(L, 2, 128));
     if (rc < 0) return fail(L);
     lua_pushboolean(L, rc == 1);
     return 1;
@@ -560,6 +583,110 @@ static int l_job_progress(lua_State *L) {
 static int l_job_adapter(lua_State *L) {
     fl_finetune *job = check(L, 1, JOB_MT);
     new_handle(L, ADAPTER_MT, fl_finetune_adapter(job), 0, 1);
+    return 1;
+}
+
+/* ---------------------------------------------------------------- runtime */
+
+/* ctx:runtime{policy=, options=, ttft_slo=, tpot_slo=, prefill_chunk=, policy_time_budget=} */
+static int l_ctx_runtime(lua_State *L) {
+    fl_context *ctx = check(L, 1, CTX_MT);
+    check_opts(L, 2);
+    fl_runtime_params p = fl_runtime_default_params();
+    p.policy = opt_str(L, 2, "policy", NULL);
+    p.policy_options = opt_str(L, 2, "options", NULL);
+    p.ttft_slo = (float)opt_num(L, 2, "ttft_slo", 0);
+    p.tpot_slo = (float)opt_num(L, 2, "tpot_slo", 0);
+    p.prefill_chunk = opt_int(L, 2, "prefill_chunk", p.prefill_chunk);
+    p.policy_time_budget = opt_num(L, 2, "policy_time_budget", p.policy_time_budget);
+    fl_runtime *rt = fl_runtime_new(ctx, &p);
+    if (!rt) return fail(L);
+    new_handle(L, RT_MT, rt, 1, 1);
+    return 1;
+}
+
+static int l_rt_gc(lua_State *L) {
+    handle *h = luaL_checkudata(L, 1, RT_MT);
+    if (h->ptr) fl_runtime_free(h->ptr);
+    h->ptr = NULL;
+    return 0;
+}
+
+static int runtime_submit(void *rt, const int32_t *ids, int n, const fl_request_params *p) {
+    return fl_runtime_submit(rt, ids, n, p);
+}
+
+static int l_rt_submit(lua_State *L) {
+    return submit_request(L, check(L, 1, RT_MT), runtime_submit);
+}
+
+/* rt:add_job(job): the runtime takes the job over; the job's handle stays usable (for
+ * progress) and keeps the runtime alive. */
+static int l_rt_add_job(lua_State *L) {
+    fl_runtime *rt = check(L, 1, RT_MT);
+    handle *job = luaL_checkudata(L, 2, JOB_MT);
+    if (!job->ptr || !job->owned) return luaL_error(L, "this finetuning job already runs elsewhere");
+    int id = fl_runtime_add_job(rt, job->ptr);
+    if (id < 0) return fail(L);
+    job->owned = 0;
+    lua_getfenv(L, 2);
+    lua_pushvalue(L, 1);
+    lua_setfield(L, -2, "runtime");
+    lua_pop(L, 1);
+    lua_pushinteger(L, id);
+    return 1;
+}
+
+static int l_rt_step(lua_State *L) {
+    const fl_gen_event *ev;
+    int n = fl_runtime_step(check(L, 1, RT_MT), &ev);
+    return n < 0 ? fail(L) : push_events(L, ev, n);
+}
+
+static int l_rt_active(lua_State *L) {
+    lua_pushinteger(L, fl_runtime_active(check(L, 1, RT_MT)));
+    return 1;
+}
+
+static int l_rt_reload(lua_State *L) {
+    if (fl_runtime_reload(check(L, 1, RT_MT), luaL_checkstring(L, 2)) != 0) return fail(L);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_rt_poll_reload(lua_State *L) {
+    int rc = fl_runtime_poll_reload(check(L, 1, RT_MT), luaL_optnumber(L, 2, 0.2));
+    if (rc < 0) return fail(L);
+    lua_pushboolean(L, rc == 1);
+    return 1;
+}
+
+static int l_rt_stats(lua_State *L) {
+    fl_runtime_stats s;
+    fl_runtime_get_stats(check(L, 1, RT_MT), &s);
+    lua_createtable(L, 0, 16);
+#define SETN(k, v) (lua_pushnumber(L, (double)(v)), lua_setfield(L, -2, k))
+    SETN("iterations", s.iterations);
+    SETN("policy_calls", s.policy_calls);
+    SETN("policy_failures", s.policy_failures);
+    SETN("fallback_iterations", s.fallback_iterations);
+    SETN("policy_seconds", s.policy_seconds);
+    SETN("busy_seconds", s.busy_seconds);
+    SETN("requests_done", s.requests_done);
+    SETN("requests_slo_met", s.requests_slo_met);
+    SETN("ft_forward_tokens", s.ft_forward_tokens);
+    SETN("ft_backward_tokens", s.ft_backward_tokens);
+    SETN("reloads", s.reloads);
+#undef SETN
+    lua_pushboolean(L, s.policy_disabled);
+    lua_setfield(L, -2, "policy_disabled");
+    lua_pushstring(L, s.policy_error);
+    lua_setfield(L, -2, "policy_error");
+    return 1;
+}
+
+static int l_rt_job_error(lua_State *L) {
+    lua_pushstring(L, fl_runtime_job_error(check(L, 1, RT_MT), (int)luaL_checkinteger(L, 2)));
     return 1;
 }
 
@@ -662,6 +789,7 @@ int luaopen_flexllm_core(lua_State *L) {
                                      {NULL, NULL}};
     static const luaL_Reg ctx_m[] = {{"generator", l_ctx_generator}, {"kv_pages", l_ctx_kv_pages},
                                      {"logits", l_ctx_logits}, {"finetune", l_ctx_finetune},
+                                     {"runtime", l_ctx_runtime},
                                      {NULL, NULL}};
     static const luaL_Reg gen_m[] = {{"add", l_gen_add}, {"step", l_gen_step},
                                      {"active", l_gen_active}, {NULL, NULL}};
@@ -679,6 +807,12 @@ int luaopen_flexllm_core(lua_State *L) {
                                      {"adapter", l_job_adapter}, {NULL, NULL}};
     def_class(L, ADAPTER_MT, adapter_m, l_adapter_gc);
     def_class(L, JOB_MT, job_m, l_job_gc);
+    static const luaL_Reg rt_m[] = {{"submit", l_rt_submit},       {"add_job", l_rt_add_job},
+                                    {"step", l_rt_step},           {"active", l_rt_active},
+                                    {"reload", l_rt_reload},       {"poll_reload", l_rt_poll_reload},
+                                    {"stats", l_rt_stats},         {"job_error", l_rt_job_error},
+                                    {NULL, NULL}};
+    def_class(L, RT_MT, rt_m, l_rt_gc);
     lua_newtable(L);
     luaL_register(L, NULL, funcs);
     lua_pushstring(L, FL_VERSION);
