@@ -246,10 +246,11 @@ static int group_by_adapter(fl_context *ctx, const fl_batch *b, const fl_adapter
     }
     for (int t = 0; t < T; t++) {
         const fl_adapter *a = s->tok_adapter[t];
+        if (!a) continue; /* plain inference batches skip the scan below */
         int seen = 0;
         for (int u = 0; u < t && !seen; u++)
             seen = s->tok_adapter[u] == a && s->tok_train[u] == s->tok_train[t];
-        if (!a || seen) continue;
+        if (seen) continue;
         if (n_groups == MAX_GROUPS) return MAX_GROUPS + 1;
         start[n_groups] = k;
         adapters[n_groups++] = a;

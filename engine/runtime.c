@@ -29,6 +29,7 @@ typedef struct {
     int32_t last_token;     /* sampled, not yet fed back */
     int n_generated;
     int reserved_pages;
+    int adapter_slot;       /* its adapter's slot in the runtime, -1 for the base model */
     fl_request_params p;
     char **stop;
     int max_stop_len;
@@ -65,6 +66,9 @@ struct fl_runtime {
     fl_sched_plan plan;
     int cap_st_reqs, cap_st_jobs;
     int *st_job_slot;      /* job slot of each state.jobs entry */
+    int *st_req_slot;      /* index in reqs of each state.requests entry */
+    const fl_adapter **adapters; /* adapter slots the state reports, in order of first use */
+    int n_adapters;
     fl_cost_fit fit;
     fl_runtime_stats stats;
     double clock0;
@@ -179,6 +183,8 @@ void fl_runtime_free(fl_runtime *rt) {
     free(rt->st.requests);
     free(rt->st.jobs);
     free(rt->st_job_slot);
+    free(rt->st_req_slot);
+    free(rt->adapters);
     free(rt->plan.items);
     free(rt->plan.ft);
     free(rt->tok);
@@ -194,6 +200,18 @@ void fl_runtime_free(fl_runtime *rt) {
 }
 
 static int pages_for(int tokens) { return (tokens + FL_KV_PAGE_TOKENS - 1) / FL_KV_PAGE_TOKENS; }
+
+/* The adapter's slot: its index among the adapters requests have named so far. */
+static int adapter_slot(fl_runtime *rt, const fl_adapter *a) {
+    if (!a) return -1;
+    for (int i = 0; i < rt->n_adapters; i++)
+        if (rt->adapters[i] == a) return i;
+    const fl_adapter **na = realloc(rt->adapters, sizeof(*na) * (size_t)(rt->n_adapters + 1));
+    if (!na) return fl_error("out of memory recording an adapter");
+    rt->adapters = na;
+    rt->adapters[rt->n_adapters] = a;
+    return rt->n_adapters++;
+}
 
 int fl_runtime_submit(fl_runtime *rt, const int32_t *prompt, int n_prompt,
                       const fl_request_params *params) {
@@ -212,6 +230,8 @@ int fl_runtime_submit(fl_runtime *rt, const int32_t *prompt, int n_prompt,
         if (prompt[i] < 0 || prompt[i] >= c->vocab_size)
             return fl_error("request: prompt token %d is id %d, outside the vocabulary [0, %d)",
                             i, prompt[i], c->vocab_size);
+    int slot = adapter_slot(rt, p.adapter);
+    if (p.adapter && slot < 0) return -1;
     if (rt->n_reqs == rt->cap_reqs) {
         int cap = rt->cap_reqs ? rt->cap_reqs * 2 : 16;
         request *nr = realloc(rt->reqs, sizeof(request) * (size_t)cap);
@@ -249,6 +269,7 @@ int fl_runtime_submit(fl_runtime *rt, const int32_t *prompt, int n_prompt,
     r->arrival = now_s() - rt->clock0;
     r->first_at = r->last_at = -1;
     r->reserved_pages = pages_for(n_prompt + p.max_tokens);
+    r->adapter_slot = slot;
     fl_detok_init(&r->detok, 1);
     rt->n_reqs++;
     return r->id;
@@ -297,8 +318,10 @@ void fl_runtime_get_stats(const fl_runtime *rt, fl_runtime_stats *stats) {
 static int grow_state(fl_runtime *rt) {
     if (rt->n_reqs > rt->cap_st_reqs) {
         fl_sched_request *r = realloc(rt->st.requests, sizeof(*r) * (size_t)rt->n_reqs);
-        if (!r) return fl_error("out of memory for the scheduling state");
-        rt->st.requests = r;
+        int *slot = realloc(rt->st_req_slot, sizeof(int) * (size_t)rt->n_reqs);
+        if (r) rt->st.requests = r;
+        if (slot) rt->st_req_slot = slot;
+        if (!r || !slot) return fl_error("out of memory for the scheduling state");
         rt->cap_st_reqs = rt->n_reqs;
     }
     if (rt->n_jobs > rt->cap_st_jobs) {
@@ -364,8 +387,9 @@ static int fill_state(fl_runtime *rt) {
     for (int i = 0; i < rt->n_reqs; i++) {
         const request *r = &rt->reqs[i];
         if (r->state == REQ_DONE) continue;
+        rt->st_req_slot[st->n_requests] = i;
         fl_sched_request *e = &st->requests[st->n_requests++];
-        *e = (fl_sched_request){.id = r->id, .adapter = r->p.adapter ? 0 : -1,
+        *e = (fl_sched_request){.id = r->id, .adapter = r->adapter_slot,
                                 .prompt_len = r->n_prompt, .prefilled = r->n_prefilled,
                                 .generated = r->n_generated, .max_tokens = r->p.max_tokens,
                                 .pages_needed = r->reserved_pages, .arrival = r->arrival,
@@ -379,26 +403,16 @@ static int fill_state(fl_runtime *rt) {
     return 0;
 }
 
-/* The plan for this iteration: the policy's when it gives a valid one, else built-in. */
+/* The plan for this iteration, and the policy's share of the stats. */
 static void make_plan(fl_runtime *rt) {
-    if (rt->policy && !fl_policy_disabled(rt->policy)) {
+    int used = fl_sched_decide(rt->policy, &rt->st, &rt->plan, rt->p.prefill_chunk);
+    if (!rt->policy) return;
+    if (used != 0) {
         rt->stats.policy_calls++;
-        int rc = fl_policy_schedule(rt->policy);
         rt->stats.policy_seconds += fl_policy_last_seconds(rt->policy);
-        if (rc == 0 && fl_sched_validate(&rt->st, &rt->plan) == 0) return;
-        if (rc == 0) fl_policy_report_invalid(rt->policy, fl_last_error());
-        rt->stats.policy_failures++;
     }
-    if (rt->policy) rt->stats.fallback_iterations++;
-    fl_sched_fcfs(&rt->st, &rt->plan, rt->p.prefill_chunk);
-}
-
-/* Index of the live request with this id (the state lists them in the same order). */
-static request *request_of(fl_runtime *rt, int state_index) {
-    int id = rt->st.requests[state_index].id;
-    for (int i = 0; i < rt->n_reqs; i++)
-        if (rt->reqs[i].id == id) return &rt->reqs[i];
-    return NULL;
+    if (used < 0) rt->stats.policy_failures++;
+    if (used <= 0) rt->stats.fallback_iterations++;
 }
 
 static int admit(fl_runtime *rt, request *r) {
@@ -425,7 +439,7 @@ static int build_batch(fl_runtime *rt, int *n_rows) {
     int n = 0, rows = 0;
     for (int i = 0; i < rt->plan.n_items; i++) {
         const fl_sched_item *it = &rt->plan.items[i];
-        request *r = request_of(rt, it->request);
+        request *r = &rt->reqs[rt->st_req_slot[it->request]];
         if (r->state == REQ_QUEUED && admit(rt, r) != 0) return -1;
         if (r->n_prefilled == r->n_prompt) { /* decode */
             push(rt, &n, r->last_token, r->seq, r->n_prompt + r->n_generated - 1, 1, r->p.adapter);

@@ -1,6 +1,7 @@
 /* Plan validation, the fallback plan and the cost model (see scheduler.h). */
 #include "scheduler.h"
 #include "fl_internal.h"
+#include "policy.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -118,6 +119,18 @@ void fl_sched_fcfs(const fl_sched_state *st, fl_sched_plan *plan, int max_chunk)
         }
         if (f.forward_tokens || f.backward_tokens) plan->ft[plan->n_ft++] = f;
     }
+}
+
+int fl_sched_decide(fl_policy *policy, fl_sched_state *st, fl_sched_plan *plan, int max_chunk) {
+    if (policy && !fl_policy_disabled(policy)) {
+        int rc = fl_policy_schedule(policy);
+        if (rc == 0 && fl_sched_validate(st, plan) == 0) return 1;
+        if (rc == 0) fl_policy_report_invalid(policy, fl_last_error());
+        fl_sched_fcfs(st, plan, max_chunk);
+        return -1;
+    }
+    fl_sched_fcfs(st, plan, max_chunk);
+    return 0;
 }
 
 void fl_sched_plan_features(const fl_sched_state *st, const fl_sched_plan *plan,

@@ -15,6 +15,15 @@ int fl_sched_validate(const fl_sched_state *st, const fl_sched_plan *plan);
  * order), then finetuning with what is left. */
 void fl_sched_fcfs(const fl_sched_state *st, fl_sched_plan *plan, int max_chunk);
 
+struct fl_policy;
+
+/* The plan of one iteration: the policy's when it has one, is not disabled, returns
+ * normally and its plan validates; else the fallback plan (an invalid plan is reported
+ * to the policy as a failure). Returns 1 for the policy's plan, 0 when there is no
+ * usable policy, -1 when the policy failed this call. */
+int fl_sched_decide(struct fl_policy *policy, fl_sched_state *st, fl_sched_plan *plan,
+                    int max_chunk);
+
 /* Least squares of iteration seconds on the token counts by kind and the decode
  * context, with exponential forgetting so the fit follows the machine. */
 typedef struct {

@@ -210,16 +210,6 @@ static void fill_state(fl_sim *s, double now) {
     }
 }
 
-static void make_plan(fl_sim *s) {
-    if (s->policy && !fl_policy_disabled(s->policy)) {
-        int rc = fl_policy_schedule(s->policy);
-        if (rc == 0 && fl_sched_validate(&s->st, &s->plan) == 0) return;
-        if (rc == 0) fl_policy_report_invalid(s->policy, fl_last_error());
-        s->stats.policy_failures++;
-    }
-    fl_sched_fcfs(&s->st, &s->plan, 0);
-}
-
 static void finish_request(fl_sim *s, sim_request *r) {
     r->done = 1;
     s->pages_used -= pages_for(r->prompt_len + r->output_len);
@@ -276,7 +266,7 @@ int fl_sim_run(fl_sim *s, double until) {
     double now = s->stats.clock;
     while (!all_done(s) && now < until) {
         fill_state(s, now);
-        make_plan(s);
+        s->stats.policy_failures += fl_sched_decide(s->policy, &s->st, &s->plan, 0) < 0;
         if (s->plan.n_items == 0 && s->plan.n_ft == 0) {
             /* Idle: wait for the next arrival (or stop when nothing can ever move). */
             int next = s->first_live;

@@ -95,7 +95,6 @@ int fl_train_length(const fl_train_sample *t) { return t->n; }
 int fl_train_forwarded(const fl_train_sample *t) { return t->forwarded; }
 int fl_train_backward_left(const fl_train_sample *t) { return t->n - t->backwarded; }
 const int32_t *fl_train_tokens(const fl_train_sample *t) { return t->tokens; }
-int fl_train_label_count(const fl_train_sample *t) { return t->n_labels; }
 size_t fl_train_arena_bytes(const fl_train_sample *t) { return t->arena_bytes; }
 double fl_train_loss(const fl_train_sample *t) {
     return t->n_labels ? t->loss_sum / t->n_labels : 0.0;

@@ -75,28 +75,14 @@ end
 -- One prefill pass, in arrival order, over the requests with prompt left whose TTFT pressure
 -- is `urgent`, until the prefill tokens reach limit. used, the pages and sequence slots left,
 -- and admitting (false once a waiting request was refused) carry from one pass to the next.
-local function prefill_pass(urgent, limit, used, pages, seqs, admitting)
-  local reqs, now = state.requests, state.now
-  for i = 0, state.n_requests - 1 do
-    if used >= limit or plan.n_items >= plan.cap_items then break end
-    local r = reqs[i]
-    local s = r.state
-    if (s == PREFILL or (s == WAITING and admitting)) and pressured(r, now) == urgent then
-      local n, refused
-      n, pages, seqs, refused = U.add_prefill(state, plan, i, limit - used, pages, seqs)
-      used = used + n
-      if refused then admitting = false end
-    end
-  end
-  return used, pages, seqs, admitting
-end
-
 -- The pressured requests up to urgent_limit prefill tokens, then the others up to
 -- normal_limit in all. Returns the prefill tokens.
+local function urgent(r) return pressured(r, state.now) end
+local function relaxed(r) return not pressured(r, state.now) end
+
 local function prefill(urgent_limit, normal_limit)
-  local used, pages, seqs, admitting = prefill_pass(true, urgent_limit, 0, state.kv_pages_free,
-                                                    state.seqs_free, true)
-  return (prefill_pass(false, normal_limit, used, pages, seqs, admitting))
+  local used, pages, seqs, admitting = U.add_prefills(state, plan, urgent_limit, urgent)
+  return (U.add_prefills(state, plan, normal_limit, relaxed, used, pages, seqs, admitting))
 end
 
 -- With a time model: inference within the TPOT budget, finetuning in the time left.

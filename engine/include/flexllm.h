@@ -381,7 +381,6 @@ int fl_train_forward(fl_context *ctx, fl_train_sample *t, int max_tokens);
 int fl_train_backward(fl_context *ctx, fl_train_sample *t, int max_tokens);
 /* Mean cross-entropy over the sample's label tokens (complete once forwarded). */
 double fl_train_loss(const fl_train_sample *t);
-int fl_train_label_count(const fl_train_sample *t);
 size_t fl_train_arena_bytes(const fl_train_sample *t);
 /* Test hook: overwrite every forward scratch buffer with NaN after each fl_forward,
  * so a backward that read anything the plan did not keep would turn NaN. */

@@ -121,14 +121,18 @@ function M.add_prefill(state, plan, i, limit, pages, seqs)
 end
 
 -- Prefill chunks in arrival order up to limit tokens in all, admitting waiting requests while
--- the free pages and sequence slots last. Returns the tokens added.
-function M.add_prefills(state, plan, limit)
-  local reqs, pages, seqs = state.requests, state.kv_pages_free, state.seqs_free
-  local added, admitting = 0, true
+-- the free pages and sequence slots last. Returns the tokens added, then the pages, slots
+-- and admission state left, for a following pass.
+-- accept(request) (optional) picks which requests this pass considers; a second pass
+-- continues from the first with its returns (tokens added, pages, slots, admitting).
+function M.add_prefills(state, plan, limit, accept, added, pages, seqs, admitting)
+  local reqs = state.requests
+  added, pages, seqs = added or 0, pages or state.kv_pages_free, seqs or state.seqs_free
+  if admitting == nil then admitting = true end
   for i = 0, state.n_requests - 1 do
     if added >= limit or plan.n_items >= plan.cap_items then break end
     local s = reqs[i].state
-    if s == PREFILL or (s == WAITING and admitting) then
+    if (s == PREFILL or (s == WAITING and admitting)) and (not accept or accept(reqs[i])) then
       local n, refused
       n, pages, seqs, refused = M.add_prefill(state, plan, i, limit - added, pages, seqs)
       added = added + n
@@ -137,7 +141,7 @@ function M.add_prefills(state, plan, limit)
       if refused then admitting = false end
     end
   end
-  return added
+  return added, pages, seqs, admitting
 end
 
 -- Gives the jobs with work fair shares of units finetuning-forward-token equivalents: a
