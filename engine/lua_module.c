@@ -222,6 +222,34 @@ static int l_adapter_save(lua_State *L) {
     return 1;
 }
 
+/* adapter:info(): rank, alpha, dropout, targets (comma list), params, bytes. */
+static int l_adapter_info(lua_State *L) {
+    const fl_adapter *a = check(L, 1, ADAPTER_MT);
+    const fl_lora_params *p = fl_adapter_params(a);
+    lua_createtable(L, 0, 6);
+    lua_pushinteger(L, p->rank);
+    lua_setfield(L, -2, "rank");
+    lua_pushnumber(L, p->alpha);
+    lua_setfield(L, -2, "alpha");
+    lua_pushnumber(L, p->dropout);
+    lua_setfield(L, -2, "dropout");
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (int t = 0, first = 1; t < FL_LORA_N_TARGETS; t++) {
+        if (!(p->targets & (1u << t))) continue;
+        if (!first) luaL_addchar(&b, ',');
+        luaL_addstring(&b, fl_lora_target_name((fl_lora_target)t));
+        first = 0;
+    }
+    luaL_pushresult(&b);
+    lua_setfield(L, -2, "targets");
+    lua_pushnumber(L, (double)fl_adapter_n_params(a));
+    lua_setfield(L, -2, "params");
+    lua_pushnumber(L, (double)fl_adapter_n_params(a) * sizeof(float)); /* resident weights */
+    lua_setfield(L, -2, "bytes");
+    return 1;
+}
+
 /* -------------------------------------------------------------- tokenizer */
 
 static int l_load_tokenizer(lua_State *L) {
@@ -802,7 +830,7 @@ int luaopen_flexllm_core(lua_State *L) {
     def_class(L, TOK_MT, tok_m, l_tok_gc);
     def_class(L, CTX_MT, ctx_m, l_ctx_gc);
     def_class(L, GEN_MT, gen_m, l_gen_gc);
-    static const luaL_Reg adapter_m[] = {{"save", l_adapter_save}, {NULL, NULL}};
+    static const luaL_Reg adapter_m[] = {{"save", l_adapter_save}, {"info", l_adapter_info}, {NULL, NULL}};
     static const luaL_Reg job_m[] = {{"step", l_job_step}, {"progress", l_job_progress},
                                      {"adapter", l_job_adapter}, {NULL, NULL}};
     def_class(L, ADAPTER_MT, adapter_m, l_adapter_gc);
