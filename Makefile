@@ -36,6 +36,10 @@ CUTESTS  := $(CUTEST_SRC:tests/cuda/%.c=build/tests/cuda_%)
 
 LIB    := build/libflexllm.a
 MODULE := build/lib/flexllm/core.so
+HTTP_MODULE := build/lib/flexllm/http.so
+HTTP_SRC    := $(wildcard engine/http/*.c)
+HTTP_OBJ    := $(HTTP_SRC:%.c=build/obj/%.o)
+HTTP_CFLAGS := -std=c11 $(WARN) -fPIC -g -D_GNU_SOURCE -I$(LUA_INCDIR)
 SCHED_ABI := build/lua/flexllm/sched_abi.lua
 CULIB  := build/libflexllm_cuda.a
 
@@ -44,9 +48,9 @@ CUDA_TARGETS := $(CULIB) $(CUTESTS)
 endif
 
 .PHONY: all lib module tests cuda deps test demo bench install clean
-all: $(LIB) $(MODULE) $(SCHED_ABI) $(CUDA_TARGETS)
+all: $(LIB) $(MODULE) $(HTTP_MODULE) $(SCHED_ABI) $(CUDA_TARGETS)
 lib: $(LIB)
-module: $(MODULE) $(SCHED_ABI)
+module: $(MODULE) $(HTTP_MODULE) $(SCHED_ABI)
 
 # The FFI declarations of the scheduling ABI, generated from its C header.
 $(SCHED_ABI): engine/include/fl_sched.h scripts/gen-sched-abi.lua
@@ -78,6 +82,16 @@ build/asan/libflexllm.a: $(ASAN_OBJ)
 $(MODULE): $(LUA_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) -shared -Wl,-z,nodelete -o $@ $(LUA_OBJ) $(LIB) $(filter-out -lluajit-5.1,$(LIBS))
+
+# The HTTP transport (flexllm.http): libev and http-parser, nothing of the engine.
+build/obj/engine/http/%.o: engine/http/%.c $(wildcard engine/http/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(HTTP_CFLAGS) $(OPT) -c $< -o $@
+
+# Like core.so, it links no Lua library.
+$(HTTP_MODULE): $(HTTP_OBJ)
+	@mkdir -p $(dir $@)
+	$(CC) -shared -o $@ $^ -lev -lhttp_parser
 
 build/tests/%: tests/c/%.c tests/c/tap.h $(LIB)
 	@mkdir -p $(dir $@)
@@ -119,10 +133,11 @@ bench: deps
 INST_LUADIR ?= /usr/local/share/lua/5.1
 INST_LIBDIR ?= /usr/local/lib/lua/5.1
 INST_BINDIR ?= /usr/local/bin
-install: $(MODULE) $(SCHED_ABI)
+install: $(MODULE) $(HTTP_MODULE) $(SCHED_ABI)
 	mkdir -p $(INST_LUADIR)/flexllm $(INST_LIBDIR)/flexllm $(INST_BINDIR)
 	cp lua/flexllm/*.lua $(SCHED_ABI) $(INST_LUADIR)/flexllm/
 	cp $(MODULE) $(INST_LIBDIR)/flexllm/core.so
+	cp $(HTTP_MODULE) $(INST_LIBDIR)/flexllm/http.so
 	cp bin/flexllm $(INST_BINDIR)/flexllm
 
 clean:
