@@ -315,6 +315,29 @@ commands["memory-plan"] = {
   end,
 }
 
+commands.serve = {
+  usage = "serve [--model DIR] [--port N] [--host H] [--api-key K] [--policy FILE] [--slo FILE]\n"
+    .. "         [--adapter NAME=DIR]... [--data-dir D] [--kv-pages N] [--max-batch-tokens N]\n"
+    .. "         [--max-seqs N] [--threads N] [--chat-template FILE] [--lifecycle FILE]\n"
+    .. "         [--memory-budget BYTES] [--max-prompt-tokens N] [--max-body-bytes N]",
+  help = "an OpenAI-compatible server (completions, chat, files, fine-tuning jobs, LoRA adapters,\n"
+    .. "      /metrics) on 127.0.0.1:8000 by default; the API key may come from FLEXLLM_API_KEY",
+  spec = { model = "string", port = "number", host = "string", ["api-key"] = "string", policy = "string",
+           slo = "string", adapter = "list", ["data-dir"] = "string", ["kv-pages"] = "number",
+           ["max-batch-tokens"] = "number", ["max-seqs"] = "number", threads = "number",
+           ["chat-template"] = "string", lifecycle = "string", ["memory-budget"] = "number",
+           ["max-prompt-tokens"] = "number", ["max-body-bytes"] = "number" },
+  run = function(o)
+    flexllm()
+    o.model = o.model or default_model_dir()
+    o.adapters, o.adapter = o.adapter, nil
+    o.api_key = o.api_key or os.getenv("FLEXLLM_API_KEY")
+    if o.api_key == "" then o.api_key = nil end
+    local rc, err = require("flexllm.server").run(o)
+    if not rc then die(err) end
+  end,
+}
+
 local function usage()
   local names = {}
   for k in pairs(commands) do names[#names + 1] = k end
