@@ -5,6 +5,7 @@
 
 #include <lauxlib.h>
 #include <lua.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -829,6 +830,36 @@ int luaopen_flexllm_core(lua_State *L) {
     def_class(L, MODEL_MT, model_m, l_model_gc);
     def_class(L, TOK_MT, tok_m, l_tok_gc);
     def_class(L, CTX_MT, ctx_m, l_ctx_gc);
+/* SIGINT and SIGTERM only set a flag, which a server loop reads between iterations to
+ * stop cleanly; a second one while the first is unread ends the process as usual. */
+static volatile sig_atomic_t signal_seen;
+
+static void on_stop_signal(int sig) {
+    if (signal_seen) {
+        signal(sig, SIG_DFL);
+        raise(sig);
+    }
+    signal_seen = sig;
+}
+
+/* core.watch_signals(): install the handlers (no SA_RESTART: a blocking poll returns). */
+static int l_watch_signals(lua_State *L) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGINT, &sa, NULL) != 0 || sigaction(SIGTERM, &sa, NULL) != 0)
+        return luaL_error(L, "watch_signals: sigaction failed");
+    return 0;
+}
+
+/* core.signalled() -> the signal number once SIGINT or SIGTERM arrived, else false. */
+static int l_signalled(lua_State *L) {
+    if (signal_seen) lua_pushinteger(L, signal_seen);
+    else lua_pushboolean(L, 0);
+    return 1;
+}
+
     def_class(L, GEN_MT, gen_m, l_gen_gc);
     static const luaL_Reg adapter_m[] = {{"save", l_adapter_save}, {"info", l_adapter_info}, {NULL, NULL}};
     static const luaL_Reg job_m[] = {{"step", l_job_step}, {"progress", l_job_progress},
@@ -847,3 +878,5 @@ int luaopen_flexllm_core(lua_State *L) {
     lua_setfield(L, -2, "version");
     return 1;
 }
+                                     {"watch_signals", l_watch_signals},
+                                     {"signalled", l_signalled},
