@@ -295,6 +295,14 @@ int fl_finetune_advance(fl_finetune *j, int forward_tokens) {
     return 0;
 }
 
+void fl_finetune_abandon(fl_finetune *j) {
+    fl_train_end(j->ctx, j->cur);
+    j->cur = NULL;
+    memset(j->adapter->grads, 0, sizeof(float) * j->adapter->n_params);
+    j->in_accum = 0;
+    j->accum_loss = 0;
+}
+
 int fl_finetune_step(fl_finetune *j, int max_tokens) {
     while (max_tokens > 0) {
         int rc;

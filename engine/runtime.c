@@ -1,10 +1,21 @@
 /* The co-serving runtime: requests and finetuning jobs, one fused iteration at a time.
- * Each iteration fills the scheduling state, takes the policy's plan (or the built-in
- * one when there is no policy, it fails, or its plan is invalid), admits and runs the
- * planned tokens in one forward, runs the planned backward chunks, samples, and feeds
- * the measured time to the cost model. A request is admitted only when the KV pool can
- * hold its prompt and max_tokens, and a finetuning sample only when it can hold the
- * whole sample, so nothing running ever runs out of pages. */
+ * Each iteration gives every decoding request the KV page its next token needs
+ * (preempting when the pool is out), fills the scheduling state, takes the policy's plan
+ * (or the built-in one when there is no policy, it fails, or its plan is invalid),
+ * admits and runs the planned tokens in one forward, runs the planned backward chunks,
+ * samples, and feeds the measured time to the cost model.
+ *
+ * KV pages are promised before they are written, so a forward never runs out: a
+ * request is admitted when the pool can promise its prompt and first token, and is
+ * promised one more page whenever its next token starts one. When no page is left for
+ * that, the running request admitted last (the needy one only when it runs alone) is
+ * preempted: its sequence and pages return and it waits again, keeping its sampler,
+ * detokenizer and text. Readmitted, it prefills its prompt and every token it had
+ * sampled, and samples the next token from the last row, which is the row its decode
+ * would have computed (the forward is batch-invariant): its output is the one it would
+ * have had, and no event repeats. Preemption happens before the state is filled, so a
+ * plan never names a request that lost its pages. A finetuning sample is promised its
+ * whole length when it begins. */
 #include "fl_internal.h"
 #include "policy.h"
 #include "scheduler.h"
@@ -24,11 +35,17 @@ typedef struct {
     req_state state;
     int seq;
     double arrival, first_at, last_at; /* seconds on the runtime clock; -1: not yet */
-    int32_t *prompt;
-    int n_prompt, n_prefilled;
-    int32_t last_token;     /* sampled, not yet fed back */
-    int n_generated;
-    int reserved_pages;
+    int32_t *tokens;        /* [n_prompt + max_tokens]: the prompt, then each sampled token */
+    int n_prompt, n_tokens;
+    int n_fill;             /* tokens an admission prefills: the prompt, after a preemption
+                               also the tokens sampled before it */
+    int n_prefilled;        /* of n_fill; the last sampled token is fed back once they are in */
+    int reserved_pages;     /* promised to it while it runs */
+    long long admitted;     /* admission order: the latest admitted is preempted first */
+    int preempted;
+    float ttft_slo, tpot_slo; /* its own rule, else the runtime's */
+    double ttft, tpot;      /* measured once it finishes */
+    int slo_met;
     int adapter_slot;       /* its adapter's slot in the runtime, -1 for the base model */
     fl_request_params p;
     char **stop;
@@ -61,6 +78,7 @@ struct fl_runtime {
     job_slot *jobs;
     int n_jobs, cap_jobs, next_job;
     int reserved_pages;    /* pages promised to admitted requests and samples, taken or not */
+    long long admissions;
     /* the scheduling state and plan, handed to the policy by pointer */
     fl_sched_state st;
     fl_sched_plan plan;
@@ -160,7 +178,7 @@ fail:
 }
 
 static void request_release(request *r) {
-    free(r->prompt);
+    free(r->tokens);
     for (int i = 0; i < r->p.n_stop; i++) free(r->stop[i]);
     free(r->stop);
     fl_sampler_free(r->sampler);
@@ -201,6 +219,8 @@ void fl_runtime_free(fl_runtime *rt) {
 
 static int pages_for(int tokens) { return (tokens + FL_KV_PAGE_TOKENS - 1) / FL_KV_PAGE_TOKENS; }
 
+static int generated(const request *r) { return r->n_tokens - r->n_prompt; }
+
 /* The adapter's slot: its index among the adapters requests have named so far. */
 static int adapter_slot(fl_runtime *rt, const fl_adapter *a) {
     if (!a) return -1;
@@ -223,9 +243,13 @@ int fl_runtime_submit(fl_runtime *rt, const int32_t *prompt, int n_prompt,
         return fl_error("request: prompt (%d tokens) + max_tokens (%d) exceeds the model's "
                         "context of %d",
                         n_prompt, p.max_tokens, c->max_seq_len);
+    /* Alone in the pool it always runs to the end: preemption cannot starve it. */
     if (pages_for(n_prompt + p.max_tokens) > rt->ctx->n_pages)
         return fl_error("request: needs %d KV pages, the pool has %d",
                         pages_for(n_prompt + p.max_tokens), rt->ctx->n_pages);
+    if (!(p.ttft_slo >= 0) || !(p.tpot_slo >= 0))
+        return fl_error("request: ttft_slo (%g) and tpot_slo (%g) must be seconds >= 0",
+                        p.ttft_slo, p.tpot_slo);
     for (int i = 0; i < n_prompt; i++)
         if (prompt[i] < 0 || prompt[i] >= c->vocab_size)
             return fl_error("request: prompt token %d is id %d, outside the vocabulary [0, %d)",
@@ -244,9 +268,9 @@ int fl_runtime_submit(fl_runtime *rt, const int32_t *prompt, int n_prompt,
     r->p = p;
     r->p.n_stop = 0;
     r->sampler = fl_sampler_new(&p.sampling, c->vocab_size);
-    r->prompt = fl_malloc(sizeof(int32_t) * (size_t)n_prompt);
+    r->tokens = fl_malloc(sizeof(int32_t) * (size_t)(n_prompt + p.max_tokens));
     r->stop = fl_calloc((size_t)(p.n_stop > 0 ? p.n_stop : 1), sizeof(char *));
-    if (!r->sampler || !r->prompt || !r->stop) {
+    if (!r->sampler || !r->tokens || !r->stop) {
         request_release(r);
         return -1;
     }
@@ -261,14 +285,15 @@ int fl_runtime_submit(fl_runtime *rt, const int32_t *prompt, int n_prompt,
         r->p.n_stop++;
     }
     r->p.stop = NULL;
-    memcpy(r->prompt, prompt, sizeof(int32_t) * (size_t)n_prompt);
-    r->n_prompt = n_prompt;
+    memcpy(r->tokens, prompt, sizeof(int32_t) * (size_t)n_prompt);
+    r->n_prompt = r->n_tokens = r->n_fill = n_prompt;
     r->id = rt->next_id++;
     r->state = REQ_QUEUED;
     r->seq = -1;
     r->arrival = now_s() - rt->clock0;
     r->first_at = r->last_at = -1;
-    r->reserved_pages = pages_for(n_prompt + p.max_tokens);
+    r->ttft_slo = p.ttft_slo > 0 ? p.ttft_slo : rt->p.ttft_slo;
+    r->tpot_slo = p.tpot_slo > 0 ? p.tpot_slo : rt->p.tpot_slo;
     r->adapter_slot = slot;
     fl_detok_init(&r->detok, 1);
     rt->n_reqs++;
@@ -299,10 +324,20 @@ int fl_runtime_active(const fl_runtime *rt) {
     return n;
 }
 
-const char *fl_runtime_job_error(const fl_runtime *rt, int job) {
+static job_slot *find_job(const fl_runtime *rt, int job) {
     for (int j = 0; j < rt->n_jobs; j++)
-        if (rt->jobs[j].id == job) return rt->jobs[j].error;
-    return "";
+        if (rt->jobs[j].id == job) return &rt->jobs[j];
+    return NULL;
+}
+
+const char *fl_runtime_job_error(const fl_runtime *rt, int job) {
+    const job_slot *s = find_job(rt, job);
+    return s ? s->error : "";
+}
+
+int fl_runtime_job_done(const fl_runtime *rt, int job) {
+    const job_slot *s = find_job(rt, job);
+    return s ? s->done : fl_error("runtime: no finetuning job %d", job);
 }
 
 void fl_runtime_get_stats(const fl_runtime *rt, fl_runtime_stats *stats) {
@@ -389,16 +424,21 @@ static int fill_state(fl_runtime *rt) {
         if (r->state == REQ_DONE) continue;
         rt->st_req_slot[st->n_requests] = i;
         fl_sched_request *e = &st->requests[st->n_requests++];
+        int running = r->state == REQ_RUNNING;
+        /* Tokens it recomputes count as prompt (see fl_sched.h). */
         *e = (fl_sched_request){.id = r->id, .adapter = r->adapter_slot,
-                                .prompt_len = r->n_prompt, .prefilled = r->n_prefilled,
-                                .generated = r->n_generated, .max_tokens = r->p.max_tokens,
-                                .pages_needed = r->reserved_pages, .arrival = r->arrival,
+                                .prompt_len = r->n_fill, .prefilled = r->n_prefilled,
+                                .generated = r->n_tokens - r->n_fill,
+                                .max_tokens = r->p.max_tokens - (r->n_fill - r->n_prompt),
+                                .kv_pages = running ? r->reserved_pages : 0,
+                                .pages_needed = running ? r->reserved_pages
+                                                        : pages_for(r->n_fill + 1),
+                                .preempted = r->preempted, .arrival = r->arrival,
                                 .first_token = r->first_at, .last_token = r->last_at,
-                                .ttft_slo = rt->p.ttft_slo, .tpot_slo = rt->p.tpot_slo};
-        e->state = r->state == REQ_QUEUED ? FL_REQ_WAITING
-                   : r->n_prefilled < r->n_prompt ? FL_REQ_PREFILL
-                                                  : FL_REQ_DECODE;
-        e->kv_pages = r->state == REQ_RUNNING ? r->reserved_pages : 0;
+                                .ttft_slo = r->ttft_slo, .tpot_slo = r->tpot_slo};
+        e->state = !running                     ? FL_REQ_WAITING
+                   : r->n_prefilled < r->n_fill ? FL_REQ_PREFILL
+                                                : FL_REQ_DECODE;
     }
     return 0;
 }
@@ -415,13 +455,58 @@ static void make_plan(fl_runtime *rt) {
     if (used <= 0) rt->stats.fallback_iterations++;
 }
 
+/* Admission promises its prefill and the first token after it (the plan checked that
+ * the pool can). */
 static int admit(fl_runtime *rt, request *r) {
     int seq = fl_seq_new(rt->ctx);
     if (seq < 0) return -1;
     r->seq = seq;
+    r->reserved_pages = pages_for(r->n_fill + 1);
     rt->reserved_pages += r->reserved_pages;
+    r->admitted = rt->admissions++;
     r->state = REQ_RUNNING;
     return 0;
+}
+
+/* A running request leaves the pool; it will recompute everything it had. */
+static void preempt(fl_runtime *rt, request *r) {
+    fl_seq_free(rt->ctx, r->seq);
+    rt->reserved_pages -= r->reserved_pages;
+    r->reserved_pages = 0;
+    r->seq = -1;
+    r->state = REQ_QUEUED;
+    r->n_fill = r->n_tokens;
+    r->n_prefilled = 0;
+    r->preempted++;
+    rt->stats.preemptions++;
+}
+
+/* The running request admitted last other than r; r itself when it runs alone. */
+static request *victim(fl_runtime *rt, request *r) {
+    request *v = r;
+    for (int i = 0; i < rt->n_reqs; i++) {
+        request *q = &rt->reqs[i];
+        if (q != r && q->state == REQ_RUNNING && (v == r || q->admitted > v->admitted)) v = q;
+    }
+    return v;
+}
+
+/* Promises every decoding request the page its next token starts, preempting while
+ * the pool has none left. */
+static void make_room(fl_runtime *rt) {
+    for (int i = 0; i < rt->n_reqs; i++) {
+        request *r = &rt->reqs[i];
+        /* Its next forward writes position n_tokens - 1. */
+        if (r->state != REQ_RUNNING || r->n_prefilled < r->n_fill ||
+            pages_for(r->n_tokens) <= r->reserved_pages)
+            continue;
+        while (r->state == REQ_RUNNING && rt->reserved_pages >= rt->ctx->n_pages)
+            preempt(rt, victim(rt, r));
+        if (r->state == REQ_RUNNING) {
+            r->reserved_pages++;
+            rt->reserved_pages++;
+        }
+    }
 }
 
 static void push(fl_runtime *rt, int *n, int32_t tok, int seq, int pos, int want,
@@ -441,14 +526,14 @@ static int build_batch(fl_runtime *rt, int *n_rows) {
         const fl_sched_item *it = &rt->plan.items[i];
         request *r = &rt->reqs[rt->st_req_slot[it->request]];
         if (r->state == REQ_QUEUED && admit(rt, r) != 0) return -1;
-        if (r->n_prefilled == r->n_prompt) { /* decode */
-            push(rt, &n, r->last_token, r->seq, r->n_prompt + r->n_generated - 1, 1, r->p.adapter);
+        if (r->n_prefilled == r->n_fill) { /* decode the last sampled token */
+            push(rt, &n, r->tokens[r->n_tokens - 1], r->seq, r->n_tokens - 1, 1, r->p.adapter);
             rt->row_req[rows++] = (int)(r - rt->reqs);
             continue;
         }
         for (int j = 0; j < it->tokens; j++) {
-            int p = r->n_prefilled + j, last = p == r->n_prompt - 1;
-            push(rt, &n, r->prompt[p], r->seq, p, last, r->p.adapter);
+            int p = r->n_prefilled + j, last = p == r->n_fill - 1;
+            push(rt, &n, r->tokens[p], r->seq, p, last, r->p.adapter);
             if (last) rt->row_req[rows++] = (int)(r - rt->reqs);
         }
         r->n_prefilled += it->tokens;
@@ -551,6 +636,9 @@ static int add_event(fl_runtime *rt, int *n_ev, request *r, int32_t tok, size_t 
     e->text = (const char *)(uintptr_t)off; /* resolved to a pointer once the step is done */
     e->text_len = (int)(rt->event_text_len - off);
     e->finish = fin;
+    e->ttft = fin ? r->ttft : 0;
+    e->tpot = fin ? r->tpot : 0;
+    e->slo_met = fin ? r->slo_met : 0;
     if (emit_to > r->emitted) r->emitted = emit_to;
     return 0;
 }
@@ -560,19 +648,47 @@ static void finish(fl_runtime *rt, request *r) {
     fl_seq_free(rt->ctx, r->seq);
     rt->reserved_pages -= r->reserved_pages;
     r->state = REQ_DONE;
-    double ttft = r->first_at - r->arrival;
-    double tpot = r->n_generated > 1 ? (r->last_at - r->first_at) / (r->n_generated - 1) : 0;
-    int met = (rt->p.ttft_slo <= 0 || ttft <= rt->p.ttft_slo) &&
-              (rt->p.tpot_slo <= 0 || tpot <= rt->p.tpot_slo);
+    int n = generated(r);
+    r->ttft = r->first_at - r->arrival;
+    r->tpot = n > 1 ? (r->last_at - r->first_at) / (n - 1) : 0;
+    r->slo_met = (r->ttft_slo <= 0 || r->ttft <= r->ttft_slo) &&
+                 (r->tpot_slo <= 0 || r->tpot <= r->tpot_slo);
     rt->stats.requests_done++;
-    rt->stats.requests_slo_met += met;
+    rt->stats.requests_slo_met += r->slo_met;
+}
+
+int fl_runtime_cancel(fl_runtime *rt, int id) {
+    for (int i = 0; i < rt->n_reqs; i++) {
+        request *r = &rt->reqs[i];
+        if (r->id != id || r->state == REQ_DONE) continue;
+        if (r->state == REQ_RUNNING) {
+            fl_seq_free(rt->ctx, r->seq);
+            rt->reserved_pages -= r->reserved_pages;
+        }
+        r->state = REQ_DONE; /* released by the next step, like a finished request */
+        rt->stats.requests_cancelled++;
+        return 0;
+    }
+    return fl_error("cancel: request %d is not queued or running", id);
+}
+
+int fl_runtime_cancel_job(fl_runtime *rt, int job) {
+    job_slot *s = find_job(rt, job);
+    if (!s) return fl_error("cancel: no finetuning job %d", job);
+    if (s->done)
+        return fl_error("cancel: finetuning job %d has already %s", job,
+                        s->error[0] ? "failed" : "finished");
+    fl_finetune_abandon(s->ft);
+    rt->reserved_pages -= s->pages;
+    s->pages = 0;
+    job_fail(s, "cancelled");
+    return 0;
 }
 
 /* Takes one sampled token: EOS, stop strings, max_tokens; emits its text. */
 static int accept_token(fl_runtime *rt, int *n_ev, request *r, int32_t tok, double now) {
     const fl_tokenizer *tk = rt->ctx->model->tok;
-    r->n_generated++;
-    r->last_token = tok;
+    r->tokens[r->n_tokens++] = tok;
     if (r->first_at < 0) r->first_at = now;
     r->last_at = now;
     if (!r->p.ignore_eos && fl_tokenizer_is_eos(tk, tok)) {
@@ -588,7 +704,7 @@ static int accept_token(fl_runtime *rt, int *n_ev, request *r, int32_t tok, doub
     if (n < 0) n = 0; /* a single token longer than 256 bytes is not a real vocabulary */
     size_t before = r->text_len;
     if (append_text(&r->text, &r->text_len, &r->text_cap, piece, (size_t)n) != 0) return -1;
-    int at_limit = r->n_generated >= r->p.max_tokens;
+    int at_limit = generated(r) >= r->p.max_tokens;
     if (at_limit) {
         n = fl_detok_flush(tk, &r->detok, piece, sizeof piece);
         if (n > 0 && append_text(&r->text, &r->text_len, &r->text_cap, piece, (size_t)n) != 0)
@@ -626,6 +742,7 @@ int fl_runtime_step(fl_runtime *rt, const fl_gen_event **events) {
     rt->event_text_len = 0;
     *events = NULL;
     double t0 = now_s();
+    make_room(rt);
     if (fill_state(rt) != 0) return -1;
     make_plan(rt);
     double features[4], context;

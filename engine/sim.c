@@ -161,7 +161,10 @@ int fl_sim_add_job(fl_sim *s, const int *lens, int n, int epochs, int grad_accum
     return s->n_jobs++;
 }
 
-/* The state of this moment: arrived requests not done, jobs with work. */
+/* The state of this moment: arrived requests not done, jobs with work. Unlike the
+ * runtime, which admits a request for its prompt and grows and preempts it page by page,
+ * the sim promises a request its prompt and whole output at admission (pages_needed),
+ * so it never preempts: its figures are those of full reservation. */
 static void fill_state(fl_sim *s, double now) {
     fl_sched_state *st = &s->st;
     st->now = now;

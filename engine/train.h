@@ -43,6 +43,9 @@ fl_train_sample *fl_finetune_sample(fl_finetune *job, int *rc);
  * loss once its forward is whole, and when its backward is done ends the sample, steps
  * the optimizer every grad_accum samples, checkpoints. 0, or -1 (the job stops). */
 int fl_finetune_advance(fl_finetune *job, int forward_tokens);
+/* Drops the sample in flight (its KV sequence and arena) and the gradient gathered since
+ * the last optimizer step, for a job that stops: the adapter keeps that step's weights. */
+void fl_finetune_abandon(fl_finetune *job);
 
 /* Frees what the context keeps for training (spare arena, backward buffers). */
 void fl_train_release(fl_context *ctx);

@@ -28,21 +28,26 @@ enum {
     FL_JOB_DONE = 2      /* every step done (or failed) */
 };
 
+/* A request preempted for KV pages waits again and, once readmitted, recomputes the
+ * tokens it had generated with its prompt: it is reported as a request whose prompt is
+ * its prompt followed by those tokens, with max_tokens less them, and generated 0. So
+ * prompt_len - prefilled is always the prefill left, max_tokens - generated the tokens
+ * left to generate, and prefilled + generated the context a decode reads. */
 typedef struct {
     int32_t id;          /* request id, stable for its lifetime */
     int32_t state;       /* FL_REQ_* */
     int32_t adapter;     /* adapter slot, -1 for the base model */
-    int32_t prompt_len;  /* prompt tokens */
-    int32_t prefilled;   /* prompt tokens in the KV cache */
-    int32_t generated;   /* tokens sampled so far */
+    int32_t prompt_len;  /* tokens to prefill (see above) */
+    int32_t prefilled;   /* of them, in the KV cache */
+    int32_t generated;   /* tokens sampled since */
     int32_t max_tokens;
-    int32_t kv_pages;    /* pages it holds now */
-    int32_t pages_needed; /* pages it holds once prompt and max_tokens are in */
+    int32_t kv_pages;    /* pages it holds now (0 while waiting) */
+    int32_t pages_needed; /* waiting: free pages admitting it takes now; else kv_pages */
     int32_t preempted;   /* times it was preempted (and recomputed) */
     double arrival;
     double first_token;  /* time of the first token, or -1 */
     double last_token;   /* time of the latest token, or -1 */
-    float ttft_slo;      /* seconds, from the SLO rules in force; 0: none */
+    float ttft_slo;      /* seconds: its own SLO, else the global rule; 0: none */
     float tpot_slo;
 } fl_sched_request;
 
@@ -75,6 +80,9 @@ typedef struct {
     double now;
     int64_t iteration;
     int32_t max_batch_tokens; /* forward tokens in one iteration at most */
+    /* Pages not held: a running request already holds the page its next token needs
+     * (preemptions for it happen before the state is filled), so only admissions
+     * (pages_needed each) take from these. */
     int32_t kv_pages_free;
     int32_t kv_pages_total;
     int32_t seqs_free;        /* sequence slots left: each admitted request takes one */

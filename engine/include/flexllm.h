@@ -199,6 +199,7 @@ typedef struct {
     const char *const *stop; /* stop strings (copied) */
     int n_stop;
     int ignore_eos;
+    float ttft_slo, tpot_slo; /* seconds, this request's SLO (runtime); 0: the runtime's rule */
 } fl_request_params;
 
 fl_request_params fl_request_default_params(void);
@@ -215,6 +216,10 @@ typedef struct {
     const char *text;   /* new text, valid until the next step */
     int text_len;
     fl_finish finish;   /* FL_FINISH_NONE while the request runs */
+    /* Valid when finish is set: seconds on the runtime's clock from arrival to the first
+     * token, and per later token; whether they met the request's SLO (1 without one). */
+    double ttft, tpot;
+    int slo_met;
 } fl_gen_event;
 
 typedef struct fl_generator fl_generator;
@@ -476,7 +481,13 @@ double fl_evaluate(fl_context *ctx, fl_adapter *adapter, const fl_dataset *ds, i
  * each one the runtime fills the scheduling state (fl_sched.h), asks the policy (a
  * LuaJIT file; none: the built-in first-come-first-served plan) for a plan, checks it
  * (an invalid plan or a failing policy falls back to the built-in plan), and runs it as
- * one fused forward plus the planned backward chunks. */
+ * one fused forward plus the planned backward chunks.
+ * KV pages: a request is admitted when the pool can hold its prompt and first token,
+ * and takes a page at a time as it decodes; when a decode needs a page and none is
+ * free, the running request admitted last is preempted: its pages return and it waits
+ * again, to recompute its prompt and the tokens it generated when readmitted, then go
+ * on exactly where it stopped (no event twice). A finetuning sample reserves its whole
+ * length when it begins. */
 
 typedef struct {
     const char *policy;        /* policy file, or NULL for the built-in plan */
@@ -497,7 +508,9 @@ typedef struct {
     const char *policy_error;   /* the last failure with its traceback ("" if none) */
     double policy_seconds;      /* total time in policy calls */
     double busy_seconds;        /* total time in iterations */
-    long long requests_done, requests_slo_met;
+    long long requests_done, requests_slo_met; /* finished requests (cancelled ones not) */
+    long long requests_cancelled;
+    long long preemptions;      /* requests preempted for KV pages (and recomputed) */
     long long ft_forward_tokens, ft_backward_tokens;
     int reloads;
 } fl_runtime_stats;
@@ -529,6 +542,18 @@ void fl_runtime_watch_sighup(void);
 void fl_runtime_get_stats(const fl_runtime *rt, fl_runtime_stats *stats);
 /* A job's error when it failed ("" while fine), by job id. */
 const char *fl_runtime_job_error(const fl_runtime *rt, int job);
+/* 1 when the job has finished or failed (or was cancelled), 0 while it runs, -1 for an
+ * unknown id. */
+int fl_runtime_job_done(const fl_runtime *rt, int job);
+/* Ends a queued or running request at once: its KV pages and sequence return, it emits
+ * no further event and counts in requests_cancelled, not in the SLO figures. 0, or -1
+ * when no such request is queued or running. */
+int fl_runtime_cancel(fl_runtime *rt, int id);
+/* Stops a finetuning job at once: its sample in flight is dropped (its pages return)
+ * with the gradient gathered since the last optimizer step, so the adapter keeps the
+ * weights of that step and stays usable; the job is done with the error "cancelled".
+ * 0, or -1 for an unknown or already finished job. */
+int fl_runtime_cancel_job(fl_runtime *rt, int job);
 
 /* -------------------------------------------------------------------- sim
  * The simulated executor: the same scheduling state, policies and fallback, no math.
