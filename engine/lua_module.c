@@ -430,6 +430,8 @@ static void request_options(lua_State *L, int idx, fl_request_params *p, const c
     p->sampling.top_p = (float)opt_num(L, idx, "top_p", p->sampling.top_p);
     p->sampling.seed = (uint64_t)opt_num(L, idx, "seed", 0);
     p->ignore_eos = opt_bool(L, idx, "ignore_eos", 0);
+    p->ttft_slo = (float)opt_num(L, idx, "ttft_slo", 0);
+    p->tpot_slo = (float)opt_num(L, idx, "tpot_slo", 0);
     if (lua_isnoneornil(L, idx)) return;
     lua_getfield(L, idx, "adapter");
     if (!lua_isnil(L, -1)) p->adapter = check(L, -1, ADAPTER_MT);
@@ -485,7 +487,8 @@ static const char *finish_name(fl_finish f) {
     }
 }
 
-/* Pushes a list of event tables: request, token, text, and finish/eos at the end. */
+/* Pushes a list of event tables: request, token, text, and at the end finish, eos, and
+ * the request's measured ttft and tpot (seconds) and whether they met its SLO (slo_met). */
 static int push_events(lua_State *L, const fl_gen_event *ev, int n) {
     lua_createtable(L, n, 0);
     for (int i = 0; i < n; i++) {
@@ -502,6 +505,12 @@ static int push_events(lua_State *L, const fl_gen_event *ev, int n) {
             lua_setfield(L, -2, "finish");
             lua_pushboolean(L, ev[i].finish == FL_FINISH_EOS);
             lua_setfield(L, -2, "eos");
+            lua_pushnumber(L, ev[i].ttft);
+            lua_setfield(L, -2, "ttft");
+            lua_pushnumber(L, ev[i].tpot);
+            lua_setfield(L, -2, "tpot");
+            lua_pushboolean(L, ev[i].slo_met);
+            lua_setfield(L, -2, "slo_met");
         }
         lua_rawseti(L, -2, i + 1);
     }
@@ -703,6 +712,8 @@ static int l_rt_stats(lua_State *L) {
     SETN("busy_seconds", s.busy_seconds);
     SETN("requests_done", s.requests_done);
     SETN("requests_slo_met", s.requests_slo_met);
+    SETN("requests_cancelled", s.requests_cancelled);
+    SETN("preemptions", s.preemptions);
     SETN("ft_forward_tokens", s.ft_forward_tokens);
     SETN("ft_backward_tokens", s.ft_backward_tokens);
     SETN("reloads", s.reloads);
@@ -716,6 +727,29 @@ static int l_rt_stats(lua_State *L) {
 
 static int l_rt_job_error(lua_State *L) {
     lua_pushstring(L, fl_runtime_job_error(check(L, 1, RT_MT), (int)luaL_checkinteger(L, 2)));
+    return 1;
+}
+
+/* rt:job_done(id) -> true once the job finished, failed or was cancelled. */
+static int l_rt_job_done(lua_State *L) {
+    int rc = fl_runtime_job_done(check(L, 1, RT_MT), (int)luaL_checkinteger(L, 2));
+    if (rc < 0) return fail(L);
+    lua_pushboolean(L, rc);
+    return 1;
+}
+
+/* rt:cancel(id) -> true, or nil, message when no such request is queued or running. */
+static int l_rt_cancel(lua_State *L) {
+    if (fl_runtime_cancel(check(L, 1, RT_MT), (int)luaL_checkinteger(L, 2)) != 0) return fail(L);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* rt:cancel_job(id) -> true, or nil, message for an unknown or finished job. */
+static int l_rt_cancel_job(lua_State *L) {
+    if (fl_runtime_cancel_job(check(L, 1, RT_MT), (int)luaL_checkinteger(L, 2)) != 0)
+        return fail(L);
+    lua_pushboolean(L, 1);
     return 1;
 }
 
@@ -796,40 +830,6 @@ static int l_now(lua_State *L) {
     return 1;
 }
 
-static void def_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc) {
-    luaL_newmetatable(L, name);
-    lua_newtable(L);
-    luaL_register(L, NULL, methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pop(L, 1);
-}
-
-/* Handles are freed by the collector; a child keeps its parent alive through its
- * environment table, and Lua 5.1 finalizes in reverse order of creation. */
-int luaopen_flexllm_core(lua_State *L) {
-    static const luaL_Reg model_m[] = {{"config", l_model_config}, {"n_params", l_model_n_params},
-                                       {"tokenizer", l_model_tokenizer}, {"context", l_model_context},
-                                       {"load_adapter", l_model_load_adapter},
-                                       {NULL, NULL}};
-    static const luaL_Reg tok_m[] = {{"encode", l_tok_encode}, {"decode", l_tok_decode},
-                                     {"info", l_tok_info}, {"token_text", l_tok_token_text},
-                                     {NULL, NULL}};
-    static const luaL_Reg ctx_m[] = {{"generator", l_ctx_generator}, {"kv_pages", l_ctx_kv_pages},
-                                     {"logits", l_ctx_logits}, {"finetune", l_ctx_finetune},
-                                     {"runtime", l_ctx_runtime},
-                                     {NULL, NULL}};
-    static const luaL_Reg gen_m[] = {{"add", l_gen_add}, {"step", l_gen_step},
-                                     {"active", l_gen_active}, {NULL, NULL}};
-    static const luaL_Reg funcs[] = {{"load_model", l_load_model},
-                                     {"load_tokenizer", l_load_tokenizer},
-                                     {"init_model", l_init_model}, {"now", l_now},
-                                     {"memory_plan", l_memory_plan},
-                                     {NULL, NULL}};
-    def_class(L, MODEL_MT, model_m, l_model_gc);
-    def_class(L, TOK_MT, tok_m, l_tok_gc);
-    def_class(L, CTX_MT, ctx_m, l_ctx_gc);
 /* SIGINT and SIGTERM only set a flag, which a server loop reads between iterations to
  * stop cleanly; a second one while the first is unread ends the process as usual. */
 static volatile sig_atomic_t signal_seen;
@@ -860,6 +860,42 @@ static int l_signalled(lua_State *L) {
     return 1;
 }
 
+static void def_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc) {
+    luaL_newmetatable(L, name);
+    lua_newtable(L);
+    luaL_register(L, NULL, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+}
+
+/* Handles are freed by the collector; a child keeps its parent alive through its
+ * environment table, and Lua 5.1 finalizes in reverse order of creation. */
+int luaopen_flexllm_core(lua_State *L) {
+    static const luaL_Reg model_m[] = {{"config", l_model_config}, {"n_params", l_model_n_params},
+                                       {"tokenizer", l_model_tokenizer}, {"context", l_model_context},
+                                       {"load_adapter", l_model_load_adapter},
+                                       {NULL, NULL}};
+    static const luaL_Reg tok_m[] = {{"encode", l_tok_encode}, {"decode", l_tok_decode},
+                                     {"info", l_tok_info}, {"token_text", l_tok_token_text},
+                                     {NULL, NULL}};
+    static const luaL_Reg ctx_m[] = {{"generator", l_ctx_generator}, {"kv_pages", l_ctx_kv_pages},
+                                     {"logits", l_ctx_logits}, {"finetune", l_ctx_finetune},
+                                     {"runtime", l_ctx_runtime},
+                                     {NULL, NULL}};
+    static const luaL_Reg gen_m[] = {{"add", l_gen_add}, {"step", l_gen_step},
+                                     {"active", l_gen_active}, {NULL, NULL}};
+    static const luaL_Reg funcs[] = {{"load_model", l_load_model},
+                                     {"load_tokenizer", l_load_tokenizer},
+                                     {"init_model", l_init_model}, {"now", l_now},
+                                     {"memory_plan", l_memory_plan},
+                                     {"watch_signals", l_watch_signals},
+                                     {"signalled", l_signalled},
+                                     {NULL, NULL}};
+    def_class(L, MODEL_MT, model_m, l_model_gc);
+    def_class(L, TOK_MT, tok_m, l_tok_gc);
+    def_class(L, CTX_MT, ctx_m, l_ctx_gc);
     def_class(L, GEN_MT, gen_m, l_gen_gc);
     static const luaL_Reg adapter_m[] = {{"save", l_adapter_save}, {"info", l_adapter_info}, {NULL, NULL}};
     static const luaL_Reg job_m[] = {{"step", l_job_step}, {"progress", l_job_progress},
@@ -870,6 +906,8 @@ static int l_signalled(lua_State *L) {
                                     {"step", l_rt_step},           {"active", l_rt_active},
                                     {"reload", l_rt_reload},       {"poll_reload", l_rt_poll_reload},
                                     {"stats", l_rt_stats},         {"job_error", l_rt_job_error},
+                                    {"job_done", l_rt_job_done},   {"cancel", l_rt_cancel},
+                                    {"cancel_job", l_rt_cancel_job},
                                     {NULL, NULL}};
     def_class(L, RT_MT, rt_m, l_rt_gc);
     lua_newtable(L);
@@ -878,5 +916,3 @@ static int l_signalled(lua_State *L) {
     lua_setfield(L, -2, "version");
     return 1;
 }
-                                     {"watch_signals", l_watch_signals},
-                                     {"signalled", l_signalled},
