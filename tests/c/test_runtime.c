@@ -1,9 +1,12 @@
 /* The co-serving runtime end to end: inference outputs do not change when a
  * finetuning job shares the iterations, nor does the job's result when inference does;
- * failing policies never stall requests; 200 requests survive 20 policy reloads. */
+ * failing policies never stall requests; 200 requests survive 20 policy reloads;
+ * cancelled requests and jobs leave cleanly; per-request SLOs; requests preempted in a
+ * small KV pool give the outputs of a large one. */
 #include "flexllm.h"
 #include "lora.h"
 #include "tap.h"
+#include "train.h"
 
 #include <math.h>
 #include <signal.h>
@@ -301,6 +304,278 @@ static void test_watch(void) {
     fl_context_free(ctx);
 }
 
+/* ------------------------------------------- cancel, SLOs, preemption */
+
+#define T_REQ 16
+#define T_TOK 200
+
+/* Every event of a run by request id (ids of a fresh runtime count from 0). */
+typedef struct {
+    int32_t ids[T_REQ][T_TOK];
+    int n[T_REQ], finishes[T_REQ];
+    int gone[T_REQ];  /* cancelled */
+    int late[T_REQ];  /* events after its finish or cancel */
+    fl_gen_event fin[T_REQ];
+} trace;
+
+static void record(trace *t, const fl_gen_event *ev, int n) {
+    for (int e = 0; e < n; e++) {
+        int k = ev[e].request;
+        if (k < 0 || k >= T_REQ) continue;
+        if (t->finishes[k] || t->gone[k]) t->late[k]++;
+        if (ev[e].token >= 0 && t->n[k] < T_TOK) t->ids[k][t->n[k]++] = ev[e].token;
+        if (ev[e].finish) {
+            t->finishes[k]++;
+            t->fin[k] = ev[e];
+        }
+    }
+}
+
+/* Steps until nothing is active. */
+static int drive(fl_runtime *rt, trace *t) {
+    const fl_gen_event *ev;
+    for (int i = 0; i < 50000 && fl_runtime_active(rt) > 0; i++) {
+        int n = fl_runtime_step(rt, &ev);
+        if (n < 0) return -1;
+        record(t, ev, n);
+    }
+    return fl_runtime_active(rt) == 0 ? 0 : -1;
+}
+
+/* Prompt k of the tests below: 5 + k % 7 tokens. */
+static int submit_prompt(fl_runtime *rt, int k, int max_tokens, float temperature) {
+    int32_t prompt[16];
+    int len = 5 + k % 7;
+    for (int j = 0; j < len; j++) prompt[j] = 3 + (k * 37 + j * 11) % 250;
+    fl_request_params rp = fl_request_default_params();
+    rp.max_tokens = max_tokens;
+    rp.ignore_eos = 1;
+    rp.sampling.temperature = temperature;
+    rp.sampling.seed = 1000 + (uint64_t)k;
+    return fl_runtime_submit(rt, prompt, len, &rp);
+}
+
+static int same_ids(const trace *a, int ka, const trace *b, int kb) {
+    return a->n[ka] == b->n[kb] && a->finishes[ka] == 1 && b->finishes[kb] == 1 &&
+           memcmp(a->ids[ka], b->ids[kb], sizeof(int32_t) * a->n[ka]) == 0;
+}
+
+static void test_cancel(void) {
+    static trace ref, got;
+    fl_context_params cp = fl_context_default_params();
+    cp.max_seqs = 2; /* two run, the rest queue */
+    fl_context *ctx = fl_context_new(model, &cp);
+    /* Prompts 1..4 alone; then 0..5 with 0 cancelled while running, 5 while queued. */
+    fl_runtime *rt = new_runtime(ctx, NULL);
+    memset(&ref, 0, sizeof ref);
+    for (int k = 1; k <= 4; k++) submit_prompt(rt, k, 12, 0);
+    int rc = drive(rt, &ref);
+    fl_runtime_free(rt);
+
+    rt = new_runtime(ctx, NULL);
+    memset(&got, 0, sizeof got);
+    for (int k = 0; k <= 5; k++) submit_prompt(rt, k, 12, 0);
+    const fl_gen_event *ev;
+    for (int i = 0; i < 100 && got.n[0] < 3; i++) record(&got, ev, fl_runtime_step(rt, &ev));
+    int running = got.n[0] >= 3 && !got.finishes[0] && got.n[5] == 0;
+    int c0 = fl_runtime_cancel(rt, 0), c5 = fl_runtime_cancel(rt, 5);
+    got.gone[0] = got.gone[5] = 1;
+    int again = fl_runtime_cancel(rt, 0);
+    int again_msg = again == -1 && strstr(fl_last_error(), "request 0 is not queued or running");
+    int unknown = fl_runtime_cancel(rt, 77);
+    tap_ok(running && c0 == 0 && c5 == 0 && again_msg && unknown == -1,
+           "a running request (after %d tokens) and a queued one are cancelled; cancelling one "
+           "again or an unknown id fails (\"%s\")", got.n[0], fl_last_error());
+    int n0 = got.n[0];
+    rc |= drive(rt, &got);
+    int same = rc == 0;
+    for (int k = 1; k <= 4; k++) same &= same_ids(&ref, k - 1, &got, k);
+    fl_runtime_stats st;
+    fl_runtime_get_stats(rt, &st);
+    tap_ok(same && st.requests_done == 4 && st.requests_cancelled == 2,
+           "the other requests give the outputs they give without the cancelled ones (%lld done, "
+           "%lld cancelled)", st.requests_done, st.requests_cancelled);
+    tap_ok(got.late[0] == 0 && got.late[5] == 0 && got.n[0] == n0 && got.n[5] == 0 &&
+               !got.finishes[0] && !got.finishes[5],
+           "no event for a cancelled request after its cancel");
+    tap_ok(fl_kv_pages_free(ctx) == fl_kv_pages_total(ctx) && fl_seqs_free(ctx) == 2,
+           "every KV page (%d of %d) and sequence slot is free again", fl_kv_pages_free(ctx),
+           fl_kv_pages_total(ctx));
+    fl_runtime_free(rt);
+    fl_context_free(ctx);
+}
+
+/* The job of the cancel tests: 40-token samples, two per optimizer step. */
+static fl_finetune *cancel_job(fl_context *ctx, const char *name) {
+    char out[4300];
+    snprintf(out, sizeof out, "%s/%s", dir, name);
+    fl_finetune_params p = fl_finetune_default_params();
+    char data[4300];
+    snprintf(data, sizeof data, "%s/data.txt", dir);
+    p.data = data;
+    p.out = out;
+    p.lora.targets = FL_LORA_ALL_LINEARS;
+    p.lora.rank = 4;
+    p.optim.lr = 2e-3f;
+    p.dataset.max_len = 40;
+    p.grad_accum = 2;
+    p.max_steps = 4;
+    p.seed = 5;
+    return fl_finetune_new(ctx, &p);
+}
+
+/* Cancels the job once its sample in flight is in the phase wanted (forward: some
+ * positions run forward, not all; backward: some run backward, not all) after at least
+ * one optimizer step, then checks the job, the pool and the adapter against snapshots of
+ * the adapter after each step of an uncancelled run (snap[step]). */
+static void cancel_job_in(fl_context *ctx, int backward, float *const *snap) {
+    int seqs = fl_seqs_free(ctx);
+    fl_runtime *rt = new_runtime(ctx, NULL);
+    fl_finetune *job = cancel_job(ctx, backward ? "cancel_bwd" : "cancel_fwd");
+    int id = fl_runtime_add_job(rt, job);
+    const fl_gen_event *ev;
+    int found = 0, rc;
+    fl_finetune_progress pr;
+    for (int i = 0; i < 2000 && !found; i++) {
+        if (fl_runtime_step(rt, &ev) < 0) break;
+        fl_finetune_get_progress(job, &pr);
+        fl_train_sample *t = pr.done ? NULL : fl_finetune_sample(job, &rc);
+        if (!t || pr.step < 1) continue;
+        int n = fl_train_length(t), f = fl_train_forwarded(t), b = n - fl_train_backward_left(t);
+        found = backward ? f == n && b > 0 && b < n : f > 0 && f < n;
+    }
+    int free_before = fl_kv_pages_free(ctx);
+    int cancelled = fl_runtime_cancel_job(rt, id);
+    fl_finetune_get_progress(job, &pr);
+    const fl_adapter *a = fl_finetune_adapter(job);
+    int same = pr.step < 5 && memcmp(a->params, snap[pr.step], sizeof(float) * a->n_params) == 0;
+    tap_ok(found && cancelled == 0 && fl_kv_pages_free(ctx) == fl_kv_pages_total(ctx) &&
+               free_before < fl_kv_pages_total(ctx) && fl_seqs_free(ctx) == seqs,
+           "cancelled mid-%s: its sample's KV pages (%d) and sequence return",
+           backward ? "backward" : "forward", fl_kv_pages_total(ctx) - free_before);
+    tap_ok(fl_runtime_job_done(rt, id) == 1 && strcmp(fl_runtime_job_error(rt, id), "cancelled") == 0 &&
+               fl_runtime_active(rt) == 0 && fl_runtime_cancel_job(rt, id) == -1 &&
+               strstr(fl_last_error(), "already failed"),
+           "the job is done with the error \"cancelled\"; cancelling it again fails (\"%s\")",
+           fl_last_error());
+    tap_ok(same, "its adapter holds the weights of its last optimizer step (step %d), bitwise "
+                 "those of an uncancelled run after that step", pr.step);
+    /* The adapter stays usable: a request generates with it. */
+    static trace t;
+    memset(&t, 0, sizeof t);
+    int32_t prompt[4] = {5, 6, 7, 8};
+    fl_request_params rp = fl_request_default_params();
+    rp.max_tokens = 4;
+    rp.adapter = a;
+    int rid = fl_runtime_submit(rt, prompt, 4, &rp);
+    tap_ok(rid >= 0 && drive(rt, &t) == 0 && t.finishes[rid] == 1,
+           "a request generates with the cancelled job's adapter afterwards");
+    fl_runtime_free(rt);
+}
+
+static void test_cancel_job(void) {
+    fl_context_params cp = fl_context_default_params();
+    cp.max_batch_tokens = 16; /* forward and backward take several iterations per sample */
+    fl_context *ctx = fl_context_new(model, &cp);
+    fl_runtime *rt = new_runtime(ctx, NULL);
+    fl_finetune *job = cancel_job(ctx, "cancel_ref");
+    fl_runtime_add_job(rt, job);
+    const fl_adapter *a = fl_finetune_adapter(job);
+    float *snap[5];
+    for (int s = 0; s < 5; s++) snap[s] = malloc(sizeof(float) * a->n_params);
+    memcpy(snap[0], a->params, sizeof(float) * a->n_params);
+    fl_finetune_progress pr;
+    const fl_gen_event *ev;
+    int last = 0;
+    for (int i = 0; i < 5000 && fl_runtime_active(rt) > 0; i++) {
+        if (fl_runtime_step(rt, &ev) < 0) break;
+        fl_finetune_get_progress(job, &pr);
+        if (pr.step != last && pr.step < 5) memcpy(snap[pr.step], a->params, sizeof(float) * a->n_params);
+        last = pr.step;
+    }
+    fl_finetune_get_progress(job, &pr);
+    if (tap_ok(pr.done && pr.step == 4, "the uncancelled reference job runs its 4 steps")) {
+        cancel_job_in(ctx, 0, snap);
+        cancel_job_in(ctx, 1, snap);
+    }
+    for (int s = 0; s < 5; s++) free(snap[s]);
+    fl_runtime_free(rt);
+    fl_context_free(ctx);
+}
+
+static void test_request_slo(void) {
+    static trace t;
+    memset(&t, 0, sizeof t);
+    fl_context *ctx = fl_context_new(model, NULL);
+    fl_runtime *rt = new_runtime(ctx, NULL);
+    int32_t prompt[3] = {4, 5, 6};
+    fl_request_params rp = fl_request_default_params();
+    rp.max_tokens = 5;
+    rp.ttft_slo = 1e-9f; /* no first token comes that fast */
+    int tight = fl_runtime_submit(rt, prompt, 3, &rp);
+    rp.ttft_slo = 1e3f;
+    int lax = fl_runtime_submit(rt, prompt, 3, &rp);
+    rp.ttft_slo = -1;
+    int bad = fl_runtime_submit(rt, prompt, 3, &rp);
+    int bad_msg = bad == -1 && strstr(fl_last_error(), "ttft_slo (-1)");
+    int rc = drive(rt, &t);
+    fl_runtime_stats st;
+    fl_runtime_get_stats(rt, &st);
+    const fl_gen_event *a = &t.fin[tight], *b = &t.fin[lax];
+    tap_ok(rc == 0 && !a->slo_met && b->slo_met && st.requests_done == 2 && st.requests_slo_met == 1,
+           "per-request TTFT SLOs of 1e-9 s and 1e3 s: missed and met in their finish events, "
+           "1 of 2 met in the stats");
+    tap_ok(a->ttft > 1e-9 && b->ttft > 1e-9 && a->ttft < 1e3 && a->tpot >= 0 && b->tpot >= 0 &&
+               (a->tpot > 0 || b->tpot > 0),
+           "finish events carry the measured ttft (%.2e s, %.2e s) and tpot (%.2e s, %.2e s)",
+           a->ttft, b->ttft, a->tpot, b->tpot);
+    tap_ok(bad_msg, "a negative SLO is refused (\"%s\")", fl_last_error());
+    fl_runtime_free(rt);
+    fl_context_free(ctx);
+}
+
+/* 8 requests with long outputs (one sampled at temperature 1) through a pool of pages
+ * for about two of them: every request completes once with the output of a large pool. */
+static void test_preemption(fl_model *m, const char *what) {
+    enum { N = 8, LEN = 150 };
+    static trace big, small;
+    memset(&big, 0, sizeof big);
+    memset(&small, 0, sizeof small);
+    fl_context *ctx = fl_context_new(m, NULL);
+    fl_runtime *rt = new_runtime(ctx, NULL);
+    for (int k = 0; k < N; k++) submit_prompt(rt, k, LEN, k == 3 ? 1.0f : 0);
+    int rc = drive(rt, &big);
+    fl_runtime_free(rt);
+    fl_context_free(ctx);
+
+    fl_context_params cp = fl_context_default_params();
+    cp.kv_pages = 2 * ((11 + LEN + FL_KV_PAGE_TOKENS - 1) / FL_KV_PAGE_TOKENS);
+    ctx = fl_context_new(m, &cp);
+    const char *policies[] = {NULL, "policies/hybrid.lua"};
+    for (int p = 0; p < 2; p++) {
+        rt = new_runtime(ctx, policies[p]);
+        memset(&small, 0, sizeof small);
+        for (int k = 0; k < N; k++) submit_prompt(rt, k, LEN, k == 3 ? 1.0f : 0);
+        int rc2 = drive(rt, &small);
+        fl_runtime_stats st;
+        fl_runtime_get_stats(rt, &st);
+        int same = rc == 0 && rc2 == 0, once = 1;
+        for (int k = 0; k < N; k++) {
+            same &= same_ids(&big, k, &small, k) && small.n[k] == LEN;
+            once &= small.finishes[k] == 1 && small.late[k] == 0;
+        }
+        tap_ok(same && once && st.preemptions > 0 && st.requests_done == N,
+               "%s, %s: %d requests of %d tokens through %d KV pages: %lld preemptions, each "
+               "completes exactly once with the output of a large pool (greedy and sampled)",
+               what, policies[p] ? policies[p] : "built-in plan", N, LEN, cp.kv_pages,
+               st.preemptions);
+        tap_ok(fl_kv_pages_free(ctx) == cp.kv_pages, "%s: all %d pages are free afterwards", what,
+               cp.kv_pages);
+        fl_runtime_free(rt);
+    }
+    fl_context_free(ctx);
+}
+
 int main(void) {
     snprintf(dir, sizeof dir, "%s", tap_tmpdir("test_runtime"));
     char path[4300];
@@ -318,6 +593,19 @@ int main(void) {
     test_failing_policies();
     test_reloads();
     test_watch();
+    test_cancel();
+    test_cancel_job();
+    test_request_slo();
+    test_preemption(model, "init-model");
+    const char *stories = tap_shared("models/stories260K");
+    if (!stories) {
+        tap_skip("preemption on stories260K: ../shared/models/stories260K absent (set FLEXLLM_SHARED)");
+    } else {
+        fl_model *m = fl_model_load(stories, NULL);
+        if (tap_ok(m != NULL, "stories260K loads (%s)", m ? "" : fl_last_error()))
+            test_preemption(m, "stories260K");
+        fl_model_free(m);
+    }
     fl_model_free(model);
     return tap_done();
 }
