@@ -564,7 +564,8 @@ static void test_preemption(fl_model *m, const char *what) {
             same &= same_ids(&big, k, &small, k) && small.n[k] == LEN;
             once &= small.finishes[k] == 1 && small.late[k] == 0;
         }
-        tap_ok(same && once && st.preemptions > 0 && st.requests_done == N,
+        tap_ok(same && once && st.preemptions > 0 && st.requests_done == N &&
+                   st.policy_failures == 0,
                "%s, %s: %d requests of %d tokens through %d KV pages: %lld preemptions, each "
                "completes exactly once with the output of a large pool (greedy and sampled)",
                what, policies[p] ? policies[p] : "built-in plan", N, LEN, cp.kv_pages,
