@@ -172,7 +172,7 @@ static void test_page_reuse(fl_model *m) {
     run_requests(ctx, prompts, n_prompt, N, &rp, big);
     fl_context_free(ctx);
     fl_context_params cp = fl_context_default_params();
-    cp.kv_pages = 6; /* each request needs 3 pages: two at a time */
+    cp.kv_pages = 6; /* each request grows to 3 pages: preemption and page reuse */
     ctx = fl_context_new(m, &cp);
     int rc = run_requests(ctx, prompts, n_prompt, N, &rp, small);
     int same = rc == 0;
