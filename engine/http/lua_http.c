@@ -42,7 +42,7 @@ typedef struct conn {
     int tmode;            /* T_*: what the timer is waiting for */
     ev_tstamp last_write; /* when output last made progress */
     int busy;             /* a request was delivered and its response is not finished */
-    int rejected;         /* answered 503; not counted against max_connections */
+    int counted;          /* counts against max_connections: serving, not refused or closing */
     int lingering;        /* write side shut down; input drained until EOF */
     char remote[64];
     struct conn *hnext, *prev, *next;
@@ -117,7 +117,7 @@ static void conn_close(conn *c) {
     else s->all = c->next;
     if (c->next) c->next->prev = c->prev;
     s->n_open--;
-    if (!c->rejected) s->n_active--;
+    if (c->counted) s->n_active--;
     fl_http_conn_free(&c->h);
     free(c);
 }
@@ -166,6 +166,8 @@ static int conn_service(conn *c) {
          * response in flight: shut the write side, then drain until the client closes. */
         shutdown(c->fd, SHUT_WR);
         c->lingering = 1;
+        if (c->counted) s->n_active--; /* it serves nothing more */
+        c->counted = 0;
     }
     set_io(s->loop, &c->wio, pending > 0);
     set_io(s->loop, &c->rio,
@@ -306,7 +308,7 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents) {
         c->s = s;
         c->fd = fd;
         c->id = ++s->next_id;
-        c->rejected = rejected;
+        c->counted = !rejected;
         c->last_write = ev_now(loop);
         format_remote(&addr, c->remote, sizeof c->remote);
         ev_io_init(&c->rio, conn_read_cb, fd, EV_READ);
@@ -609,8 +611,7 @@ static int l_poll(lua_State *L) {
 static conn *check_conn(lua_State *L, server *s) {
     lua_Number id = luaL_checknumber(L, 2);
     if (id < 1 || id != (lua_Number)(uint64_t)id) luaL_error(L, "bad connection id %f", id);
-    conn *c = find_conn(s, (uint64_t)id);
-    return c && !c->rejected ? c : NULL;
+    return find_conn(s, (uint64_t)id);
 }
 
 /* A response is finished: parse any pipelined request already buffered. */
