@@ -626,15 +626,14 @@ function Writer:finish() return self.srv:finish(self.conn) end
 -- Serves until SIGINT or SIGTERM. opts: as for M.new, plus host, port, max_body_bytes.
 -- Returns 0, or nil and a message when the server cannot start.
 function M.run(opts)
-  local http = require "flexllm.http"
+  local http, core = require "flexllm.http", fl.core
+  core.watch_signals() -- from the start: a signal while the model loads stops us cleanly too
   local S, err = M.new(opts)
   if not S then return nil, err end
   local host = opts.host or "127.0.0.1"
   local srv, lerr = http.listen({ host = host, port = opts.port or 8000,
                                   max_body_bytes = opts.max_body_bytes or 64 * 1024 * 1024 })
   if not srv then return nil, ("cannot listen on %s:%s: %s"):format(host, tostring(opts.port or 8000), lerr) end
-  local core = fl.core
-  core.watch_signals()
   S.log(("model %s (%s chat template%s), data in %s"):format(S.model_dir, S.template.name,
     S.template.name == "plain" and ": the model has none" or "", S.data_dir))
   io.stdout:write(("listening on http://%s:%d\n"):format(host:find(":") and "[" .. host .. "]" or host, srv:port()))
