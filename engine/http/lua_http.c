@@ -179,6 +179,7 @@ static int conn_service(conn *c) {
              : h->in_message ? T_REQUEST
              : h->state == FL_HC_READING ? T_IDLE : T_NONE;
     if (mode != c->tmode) {
+        if (mode == T_WRITE) c->last_write = ev_now(s->loop); /* the stall clock starts now */
         double after = mode == T_LINGER  ? LINGER_S
                      : mode == T_WRITE   ? s->idle_timeout
                      : mode == T_REQUEST ? s->request_timeout
@@ -254,8 +255,6 @@ static void conn_timer_cb(struct ev_loop *loop, ev_timer *w, int revents) {
         conn_close(c); /* an idle keep-alive connection, or the end of a lingering close */
     }
 }
-
-static void accept_cb(struct ev_loop *loop, ev_io *w, int revents);
 
 static void accept_resume_cb(struct ev_loop *loop, ev_timer *w, int revents) {
     server *s = w->data;

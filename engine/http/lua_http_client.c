@@ -201,7 +201,8 @@ static int start_connect(creq *r) {
     return -1;
 }
 
-static void on_writable(creq *r) {
+/* Connected or writable: sends what it can. Returns -1 when r is gone (freed). */
+static int on_writable(creq *r) {
     if (!r->connected) {
         int err = 0;
         socklen_t len = sizeof err;
@@ -210,12 +211,13 @@ static void on_writable(creq *r) {
             r->addr = r->addr->ai_next;
             if (!r->addr) {
                 req_fail(r, "connect to %s: %s", r->where, strerror(err));
-                return;
+                return -1;
             }
-            start_connect(r);
-            return;
+            return start_connect(r);
         }
         r->connected = 1;
+        /* Read while sending: a server may answer (413) before taking the whole body. */
+        watch(r, EV_READ | EV_WRITE);
     }
     while (r->out_off < r->out.len) {
         ssize_t n = send(r->fd, r->out.data + r->out_off, r->out.len - r->out_off, MSG_NOSIGNAL);
@@ -224,22 +226,24 @@ static void on_writable(creq *r) {
         } else if (n < 0 && errno == EINTR) {
             continue;
         } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            return;
+            return 0;
         } else {
             req_fail(r, "send to %s: %s", r->where, strerror(errno));
-            return;
+            return -1;
         }
     }
     watch(r, EV_READ);
+    return 0;
 }
 
-static void on_readable(creq *r) {
+/* Readable: parses what arrived. Returns -1 when r is gone (finished or failed). */
+static int on_readable(creq *r) {
     client *cl = r->cl;
     ssize_t n = recv(r->fd, cl->scratch, READ_CHUNK, 0);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return 0;
     if (n < 0) {
         req_fail(r, "receive from %s: %s", r->where, strerror(errno));
-        return;
+        return -1;
     }
     /* n == 0 tells the parser the stream ended: it completes a body read to EOF. */
     http_parser_execute(&r->parser, &settings, cl->scratch, (size_t)n);
@@ -251,13 +255,16 @@ static void on_readable(creq *r) {
         req_fail(r, "%s closed the connection before the response was complete", r->where);
     } else if (e != HPE_OK) {
         req_fail(r, "malformed HTTP response from %s: %s", r->where, http_errno_description(e));
+    } else {
+        return 0;
     }
+    return -1;
 }
 
 static void req_io_cb(struct ev_loop *loop, ev_io *w, int revents) {
     creq *r = w->data;
+    if (r->connected && (revents & EV_READ) && on_readable(r)) return;
     if (revents & EV_WRITE) on_writable(r);
-    else on_readable(r);
 }
 
 /* ---- Lua ---- */

@@ -2,6 +2,7 @@
 -- pipelining and the errors answered by the C layer are checked over raw sockets
 -- by tests/integration/http.sh.
 local http = require "flexllm.http"
+local cjson = require "cjson"
 
 -- Polls server and client in turn until `done()` or 2000 rounds; server events go
 -- to on_request(e) / on_closed(e); client events are collected per request id.
@@ -105,6 +106,36 @@ describe("flexllm.http", function()
     assert.are.equal("text/event-stream", r.headers["content-type"])
     assert.are.same(parts, r.data)
     assert.are.same({ "head", "data", "data", "data", "data", "done" }, r.kinds)
+  end)
+
+  it("sends a response larger than the socket buffers whole", function()
+    local big = {}
+    for i = 1, 200000 do big[i] = string.format("%07d\n", i) end -- 1.6 MB
+    big = table.concat(big)
+    local id = req({ path = "/big" })
+    local got = pump(srv, cl, function(e) srv:respond(e.conn, 200, {}, big) end, all_done)
+    assert.are.equal(#big, #body(got[id]))
+    assert.is_true(body(got[id]) == big)
+    assert.is_true(#got[id].data > 1) -- it came in pieces
+  end)
+
+  it("answers a body over max_body_bytes with a 413 JSON error before reading it", function()
+    local small = assert(http.listen({ port = 0, max_body_bytes = 1000 }))
+    local id = cl:request({ host = "127.0.0.1", port = small:port(), method = "POST", path = "/",
+                            body = ("x"):rep(2 * 1024 * 1024) })
+    local got = pump(srv, cl, function() end, function()
+      assert.are.same({}, small:poll(0))
+      return all_done()
+    end)
+    small:close()
+    assert.are.equal(413, got[id].status)
+    assert.are.equal("application/json", got[id].headers["content-type"])
+    local err = cjson.decode(body(got[id])).error
+    assert.are.equal("request body of 2097152 bytes (Content-Length) is larger than the limit of 1000 bytes",
+                     err.message)
+    assert.are.equal("invalid_request_error", err.type)
+    assert.are.equal(cjson.null, err.param)
+    assert.are.equal(cjson.null, err.code)
   end)
 
   it("passes a 404 from Lua with its body", function()
