@@ -108,6 +108,29 @@ describe("completions and chat", function()
     assert.is_nil(ev[#ev - 1].usage) -- no include_usage: no usage field at all
   end)
 
+  it("ends a chat turn at the template's end-of-turn token, cancelling the rest in the runtime", function()
+    local messages = { { role = "user", content = "hi" } }
+    local prompt = model.tok:token_text(model.tok:info().bos) .. "user: hi\nassistant: "
+    local texts = {}
+    local ref = assert(model:generate(prompt, { max_tokens = 12, temperature = 0, ignore_eos = true, bos = false },
+      function(_, ev) texts[#texts + 1] = ev.text end))
+    -- the first token that did not occur before it ends the turn
+    local k, seen = nil, {}
+    for i, id in ipairs(ref.ids) do
+      if i > 1 and not seen[id] then k = i break end
+      seen[id] = true
+    end
+    local saved = S.end_of_turn
+    S.end_of_turn = { [ref.ids[k]] = true }
+    local r = F.call(S, "POST", "/v1/chat/completions", { model = M, messages = messages, max_tokens = 12,
+                                                        temperature = 0, ignore_eos = true }):json()
+    S.end_of_turn = saved
+    assert.are.equal(table.concat(texts, "", 1, k - 1), r.choices[1].message.content)
+    assert.are.equal("stop", r.choices[1].finish_reason)
+    assert.are.equal(k - 1, r.usage.completion_tokens)
+    assert.are.equal(0, S.rt:active())
+  end)
+
   it("counts every finished request in the SLO tracker and the latency histograms", function()
     local before = S.hist.ttft.count
     F.call(S, "POST", "/v1/completions", { model = M, prompt = "a", max_tokens = 3 })
