@@ -109,7 +109,7 @@ $(CULIB): $(CU_OBJ)
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
 
-build/tests/cuda_%: tests/cuda/%.c tests/c/tap.h $(CULIB) $(LIB)
+build/tests/cuda_%: tests/cuda/%.c tests/c/tap.h $(wildcard tests/cuda/*.h) $(CULIB) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_FL) $(OPT) -Itests/c -I$(CUDA_HOME)/include $< -o $@ $(CULIB) $(LIB) \
 	  -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++ $(LIBS)
