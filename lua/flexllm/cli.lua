@@ -170,31 +170,37 @@ local function default_model_dir()
 end
 
 commands.demo = {
-  usage = "demo [--model DIR] [--requests N] [--max-tokens N] [--threads N]",
-  help = "batched generation on the embedded default model (or DIR), streamed, with throughput",
-  spec = { model = "string", requests = "number", ["max-tokens"] = "number", threads = "number" },
+  usage = "demo [--quick] [--out DIR] [--requests N] [--rate R] [--steps N] [--model DIR] [--threads N]\n"
+    .. "         [--seed S]",
+  help = "co-serve a synthetic trace while finetuning a LoRA adapter on a small generated task, then\n"
+    .. "      compare the adapter with the base: SLO attainment, latencies, loss, answers, plot, JSON",
+  spec = { quick = "flag", out = "string", requests = "number", rate = "number", steps = "number",
+           model = "string", threads = "number", seed = "number" },
   run = function(o)
-    local dir = o.model or default_model_dir()
-    local model = load_model(dir, o.threads)
-    local cfg = model:config()
-    print(("model %s: %s, %d layers, dim %d, %.1fM parameters"):format(dir, cfg.arch, cfg.n_layers,
-      cfg.dim, model.handle:n_params() / 1e6))
-    local n = o.requests or 8
-    local seeds = { "Once upon a time", "The little dog", "In a small town", "She looked at the",
-                    "Tom and Lily", "One day, a bird", "The sun was", "A big red ball" }
-    local prompts = {}
-    for i = 1, n do prompts[i] = seeds[(i - 1) % #seeds + 1] end
-    if not o.model then print("(the default model has random weights, so its text is noise; try "
-      .. "--model ../shared/models/stories260K)") end
-    local t0 = flexllm().now()
-    local res, err = model:generate(prompts, { max_tokens = o.max_tokens or 48, temperature = 0.8,
-                                               seed = 1, ignore_eos = true },
-      function(i, ev) if i == 1 then io.stdout:write(ev.text) io.stdout:flush() end end)
-    if not res then die(err) end
-    local dt, toks = flexllm().now() - t0, 0
-    for _, r in ipairs(res) do toks = toks + #r.ids end
-    print(("\n\n%d requests in one batch, %d tokens generated, %.0f tokens/s")
-      :format(n, toks, toks / math.max(dt, 1e-9)))
+    flexllm()
+    o.model = o.model or default_model_dir()
+    require("flexllm.demo").main(o)
+  end,
+}
+
+commands.bench = {
+  usage = "bench (--model DIR [--policy NAME|FILE] [--finetune DATA.jsonl] | --url http://HOST:PORT\n"
+    .. "         [--api-key K] [--model-name NAME] [--tokenizer FILE|DIR]) [--rate R | --rates R1,R2,...]\n"
+    .. "         [--requests N | --duration S] [--arrival poisson|gamma] [--cv X] [--dataset FILE.json]\n"
+    .. "         [--prompt-len N] [--output-len N] [--max-prompt-len N] [--max-output-len N]\n"
+    .. "         [--ttft-slo S] [--tpot-slo S] [--seed S] [--threads N] [--out FILE.json] [--plot FILE.png]",
+  help = "replay a request trace in this process or against a server: TTFT, TPOT, ITL, end-to-end\n"
+    .. "      percentiles, SLO attainment, goodput, finetuning tokens/s; JSON and a plot",
+  spec = { model = "string", policy = "string", finetune = "string", url = "string", ["api-key"] = "string",
+           ["model-name"] = "string", tokenizer = "string", rate = "number", rates = "string",
+           requests = "number", duration = "number", arrival = "string", cv = "number", dataset = "string",
+           ["prompt-len"] = "number", ["output-len"] = "number", ["max-prompt-len"] = "number",
+           ["max-output-len"] = "number", ["ttft-slo"] = "number", ["tpot-slo"] = "number", seed = "number",
+           threads = "number", out = "string", plot = "string" },
+  run = function(o)
+    flexllm()
+    if not o.url then o.model = o.model or default_model_dir() end
+    require("flexllm.bench").main(o)
   end,
 }
 
