@@ -101,7 +101,7 @@ build/asan/tests/%: tests/c/%.c tests/c/tap.h build/asan/libflexllm.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_FL) -O1 $(SAN) -Itests/c $< -o $@ build/asan/libflexllm.a $(LIBS)
 
-build/cuda/%.o: %.cu $(wildcard kernels/*.h kernels/cuda/*.h)
+build/cuda/%.o: %.cu $(wildcard kernels/*.h kernels/cuda/*.h engine/*.h engine/include/*.h)
 	@mkdir -p $(dir $@)
 	$(NVCC) -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC -Iengine/include -Iengine -Ikernels -c $< -o $@
 
