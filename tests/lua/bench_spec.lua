@@ -293,3 +293,66 @@ describe("bench.find_policy", function()
     assert.is_nil((bench.find_policy(tmp .. "/missing.lua")))
   end)
 end)
+
+describe("the demo's task and evaluation", function()
+  local fl = require "flexllm"
+  local demo = require "flexllm.demo"
+  assert(fl.init_model(tmp .. "/model", { dim = 64, hidden_dim = 160, n_layers = 2, n_heads = 4,
+                                          n_kv_heads = 2, seed = 5 }))
+  local model = assert(fl.load(tmp .. "/model"))
+  local ctx = assert(model:context({ max_batch_tokens = 64 }))
+  local train, held, train_path, held_path = demo.task_data(tmp, 3)
+
+  -- The loss of the base model on prompt/completion samples from ctx:logits: the mean over
+  -- samples of the mean cross-entropy of the completion tokens and EOS.
+  local function reference_loss(items)
+    local tok, eos, total = model.tok, model.tok:info().eos, 0
+    for _, it in ipairs(items) do
+      local ids = tok:encode(it.prompt, { special = false })
+      local n_prompt = #ids
+      for _, t in ipairs(tok:encode(it.completion, { bos = false, special = false })) do ids[#ids + 1] = t end
+      ids[#ids + 1] = eos
+      local logits = assert(ctx:logits(ids))
+      local sum, n = 0, 0
+      for pos = n_prompt, #ids - 1 do
+        local row, m = logits[pos], -math.huge
+        for _, v in ipairs(row) do if v > m then m = v end end
+        local z = 0
+        for _, v in ipairs(row) do z = z + math.exp(v - m) end
+        sum, n = sum + (m + math.log(z) - row[ids[pos + 1] + 1]), n + 1
+      end
+      total = total + sum / n
+    end
+    return total / #items
+  end
+
+  it("holds one thing per color out of training", function()
+    assert.are.equal(#demo.COLORS, #held)
+    assert.are.equal(#demo.COLORS * (#demo.COLORS[1] - 1) - #held, #train)
+    local seen = {}
+    for _, it in ipairs(train) do seen[it.prompt] = true end
+    for _, it in ipairs(held) do assert.is_nil(seen[it.prompt]) end
+  end)
+
+  it("measures the base model's held-out loss as its logits give it", function()
+    local got = demo.evaluate(ctx, held_path, { rank = 4, targets = "all", work = tmp .. "/eval" })
+    local want = reference_loss(held)
+    assert(math.abs(got - want) < 1e-3 * want, ("got %.6f, want %.6f"):format(got, want))
+  end)
+
+  it("measures a trained adapter lower on its data, leaving the adapter as it was", function()
+    local job = assert(ctx:finetune({ data = train_path, out = tmp .. "/adapter", targets = "all", rank = 4,
+                                      lr = 3e-3, max_steps = 60, epochs = 100, seed = 1 }))
+    repeat
+      local running, err = job:step(64)
+      assert(running ~= nil, err)
+    until not running
+    local before = io.open(tmp .. "/adapter/adapter_model.safetensors", "rb"):read("*a")
+    local base = demo.evaluate(ctx, train_path, { rank = 4, targets = "all", work = tmp .. "/eval" })
+    local o = { rank = 4, targets = "all", work = tmp .. "/eval", adapter_dir = tmp .. "/adapter" }
+    local a1, a2 = demo.evaluate(ctx, train_path, o), demo.evaluate(ctx, train_path, o)
+    assert.is_true(a1 < base - 0.5, ("adapter %g, base %g"):format(a1, base))
+    assert.are.equal(a1, a2)
+    assert.are.equal(before, io.open(tmp .. "/adapter/adapter_model.safetensors", "rb"):read("*a"))
+  end)
+end)
