@@ -117,6 +117,7 @@ int32_t fl_sampler_sample(fl_sampler *s, const float *logits) {
         /* Below (1-top_p)/(n-1) of the mass a candidate can never enter the
          * nucleus, so only the rest need sorting (the llama2.c trick). */
         float cutoff = (1.0f - s->p.top_p) / (n - 1) * sum;
+        if (cutoff > 1.0f) cutoff = 1.0f; /* the top candidate (prob 1) is always in */
         k = 0;
         for (int i = 0; i < n; i++)
             if (s->cand[i].prob >= cutoff) s->cand[k++] = s->cand[i];

@@ -92,6 +92,17 @@ int main(void) {
     fl_sampler_free(a);
     fl_sampler_free(b);
 
+    /* top_p below 1/V on near-uniform logits: the nucleus is the top token alone (the
+     * pre-filter's cutoff once exceeded every candidate and left none). */
+    static const float flat[V] = {0.001f, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    sp.top_p = 0.01f;
+    fl_sampler *tiny = fl_sampler_new(&sp, V);
+    int top = 1;
+    for (int i = 0; i < 200; i++) top &= fl_sampler_sample(tiny, flat) == 0;
+    tap_ok(top, "top_p 0.01 over near-uniform logits always draws the top token");
+    fl_sampler_free(tiny);
+    check("temperature 1, top-p 0.05", 1.0f, 0, 0.05f);
+
     sp.top_p = 1.5f;
     tap_ok(fl_sampler_new(&sp, V) == NULL && strstr(fl_last_error(), "top_p 1.5 must be in (0, 1]"),
            "top_p outside (0, 1] is refused with its value (%s)", fl_last_error());
