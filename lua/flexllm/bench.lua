@@ -411,16 +411,19 @@ local function sweep_plot(result, png)
   local rows = {}
   for _, r in ipairs(runs) do
     local function v(x) return x ~= cjson.null and x or 0 / 0 end
-    rows[#rows + 1] = { r.rate, v(r.slo_attainment) * 100, r.goodput_rps, v(r.ttft_s.p50), v(r.ttft_s.p99),
+    rows[#rows + 1] = { r.rate, v(r.slo_attainment) * 100, r.goodput_rps, v(r.ttft_s.p50) * 1000, v(r.ttft_s.p99) * 1000,
                         v(r.tpot_s.p50) * 1000, v(r.tpot_s.p99) * 1000,
-                        r.finetune ~= cjson.null and r.finetune.tokens_per_s or 0 / 0 }
+                        r.finetune ~= cjson.null and r.finetune.tokens_per_s or 0 / 0, r.throughput.requests_per_s }
   end
-  local cols = { "rate", "attainment_pct", "goodput", "ttft_p50", "ttft_p99", "tpot_p50_ms", "tpot_p99_ms", "ft_tok_s" }
+  local cols = { "rate", "attainment_pct", "goodput", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "ft_tok_s",
+                 "completed_rps" }
   local panels = {
-    { title = "SLO attainment and goodput", xlabel = "request rate (req/s)", ylabel = "% / req/s",
-      lines = { { series = "sweep", x = 1, y = 2, title = "SLO attainment (%)" },
-                { series = "sweep", x = 1, y = 3, title = "goodput (req/s)" } } },
-    { title = "TTFT", xlabel = "request rate (req/s)", ylabel = "seconds",
+    { title = "SLO attainment", xlabel = "request rate (req/s)", ylabel = "% of requests", yrange = { 0, 105 },
+      lines = { { series = "sweep", x = 1, y = 2, title = "SLO attainment" } } },
+    { title = "goodput", xlabel = "request rate (req/s)", ylabel = "req/s",
+      lines = { { series = "sweep", x = 1, y = 3, title = "meeting the SLO" },
+                { series = "sweep", x = 1, y = 9, title = "completed" } } },
+    { title = "TTFT", xlabel = "request rate (req/s)", ylabel = "milliseconds",
       lines = { { series = "sweep", x = 1, y = 4, title = "p50" }, { series = "sweep", x = 1, y = 5, title = "p99" } } },
     { title = "TPOT", xlabel = "request rate (req/s)", ylabel = "milliseconds",
       lines = { { series = "sweep", x = 1, y = 6, title = "p50" }, { series = "sweep", x = 1, y = 7, title = "p99" } } },
@@ -517,7 +520,10 @@ function M.run(o, log)
   return result, pl, out
 end
 
-local function ms(x) return x ~= nil and x ~= cjson.null and ("%.0f"):format(x * 1000) or "-" end
+local function ms(x)
+  if x == nil or x == cjson.null then return "-" end
+  return ("%." .. (x < 0.01 and 2 or x < 1 and 1 or 0) .. "f"):format(x * 1000)
+end
 
 -- One run's figures in a few lines.
 function M.format_run(m)
@@ -529,7 +535,7 @@ function M.format_run(m)
   }
   for _, k in ipairs({ { "TTFT", "ttft_s" }, { "TPOT", "tpot_s" }, { "ITL", "itl_s" }, { "end to end", "e2e_s" } }) do
     local s = m[k[2]]
-    lines[#lines + 1] = ("    %-10s p50 %6s ms  p90 %6s ms  p99 %6s ms"):format(k[1], ms(s.p50), ms(s.p90), ms(s.p99))
+    lines[#lines + 1] = ("    %-10s p50 %7s ms  p90 %7s ms  p99 %7s ms"):format(k[1], ms(s.p50), ms(s.p90), ms(s.p99))
   end
   if m.finetune ~= cjson.null then
     lines[#lines + 1] = ("    finetuning: %.0f tokens/s (%d forward, %d backward tokens), %d steps, loss %.3f")

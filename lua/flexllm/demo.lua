@@ -175,9 +175,9 @@ function M.main(o)
   local t_start = fl.now()
   local quick = o.quick
   o.seed = o.seed or 1
-  o.requests = o.requests or (quick and 24 or 200)
+  o.requests = o.requests or (quick and 24 or 180)
   o.rate = o.rate or (quick and 8 or 6)
-  o.steps = o.steps or (quick and 150 or 1500)
+  o.steps = o.steps or (quick and 150 or 1200)
   local out = o.out or ((os.getenv("TMPDIR") or "/tmp") .. "/flexllm-demo")
   for _, k in ipairs({ "requests", "steps" }) do
     if o[k] < 1 or o[k] % 1 ~= 0 then error(("--%s must be a positive integer, got %s"):format(k, o[k]), 0) end
@@ -283,13 +283,17 @@ function M.main(o)
     if ad_ans[i] == it.completion then ad_ok = ad_ok + 1 end
   end
   local held_ans = M.answers(model, ctx, { held[1].prompt }, saved)[1]
-  local live_first, live_last
+  -- The task requests served with the adapter while it trained: right answers in the first
+  -- and the last third of the trace.
+  local live = {}
   for _, r in ipairs(records) do
-    if r.kind == "live" then
-      local ok = r.text == reqs[r.index].expect
-      live_first = live_first or { t = r.arrival, ok = ok, text = r.text, prompt = reqs[r.index].prompt }
-      live_last = { t = r.arrival, ok = ok, text = r.text, prompt = reqs[r.index].prompt }
-    end
+    if r.kind == "live" then live[#live + 1] = { t = r.arrival, ok = r.text == reqs[r.index].expect, text = r.text } end
+  end
+  local third = elapsed / 3
+  local live_early, live_late = { ok = 0, n = 0 }, { ok = 0, n = 0 }
+  for _, l in ipairs(live) do
+    local bucket = l.t < third and live_early or l.t >= 2 * third and live_late or nil
+    if bucket then bucket.n, bucket.ok = bucket.n + 1, bucket.ok + (l.ok and 1 or 0) end
   end
 
   -- The plot: loss, token mix and latencies over time.
@@ -302,6 +306,7 @@ function M.main(o)
     for j = max(1, i - 24), i do s, k = s + losses[j][3], k + 1 end
     smooth[i] = { losses[i][1], s / k }
   end
+  local span = { 0, ("%.1f"):format(elapsed) }
   local pl = plot.render({ png = out .. "/demo.png",
     title = ("flexllm demo: %d requests at %g req/s while finetuning a rank-%d LoRA"):format(o.requests, o.rate, rank),
     series = {
@@ -312,14 +317,15 @@ function M.main(o)
     },
     panels = {
       { title = "finetuning loss (per step, and the mean of the last 25)", xlabel = "seconds", ylabel = "loss",
+        xrange = span,
         lines = { { series = "loss", x = 1, y = 3, title = "step loss", style = "points pt 7 ps 0.2" },
                   { series = "loss_smooth", x = 1, y = 2, title = "mean of 25", style = "lines lw 2" } } },
-      { title = "token mix", xlabel = "seconds", ylabel = "tokens/s",
+      { title = "token mix", xlabel = "seconds", ylabel = "tokens/s", xrange = span,
         lines = { { series = "mix", x = 1, y = 2, title = "inference (generated)", style = "lines" },
                   { series = "mix", x = 1, y = 3, title = "finetuning forward", style = "lines" },
                   { series = "mix", x = 1, y = 4, title = "finetuning backward", style = "lines dt 2" } } },
       { title = ("request latency (SLO: TTFT %g ms, TPOT %g ms)"):format(ttft_slo * 1000, tpot_slo * 1000),
-        xlabel = "arrival (s)", ylabel = "ms", logy = true,
+        xlabel = "arrival (s)", ylabel = "ms", logy = true, xrange = span,
         lines = { { series = "latency", x = 1, y = 2, title = "TTFT", style = "points pt 7 ps 0.5" },
                   { series = "latency", x = 1, y = 3, title = "TPOT", style = "points pt 7 ps 0.5" } } },
     } })
@@ -336,6 +342,7 @@ function M.main(o)
     trained_prompts_exact = { base = base_ok, adapter = ad_ok, total = #train },
     example = example,
     heldout_example = { prompt = held[1].prompt, expected = held[1].completion, adapter = held_ans },
+    live_adapter_right = { first_third = live_early, last_third = live_late },
     policy_stats = { iterations = st.iterations, policy_failures = st.policy_failures,
                      fallback_iterations = st.fallback_iterations, last_error = st.policy_error },
     plot = pl.png or cjson.null, plot_data = pl.data,
@@ -360,10 +367,8 @@ function M.main(o)
   print(("  %s  (expected %s)"):format(example.prompt, show(example.expected)))
   print(("    base:    %s"):format(show(example.base)))
   print(("    adapter: %s"):format(show(example.adapter)))
-  if live_first then
-    print(("  live adapter during training: at %.1f s %s -> %s, at %.1f s %s -> %s"):format(live_first.t,
-      live_first.prompt, show(live_first.text), live_last.t, live_last.prompt, show(live_last.text)))
-  end
+  print(("the live adapter, while it trained, answered task requests right: %d/%d in the first third of the"
+    .. " trace, %d/%d in the last"):format(live_early.ok, live_early.n, live_late.ok, live_late.n))
   print(pl.png and ("plot: %s"):format(pl.png) or ("plot: none (%s)"):format(pl.note))
   print(("summary: %s"):format(json_path))
   print(("demo took %.1f s"):format(fl.now() - t_start))

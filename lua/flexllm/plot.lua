@@ -19,7 +19,7 @@ end
 --   png     the image to write (its data goes to the same name with .dat, the script .gp)
 --   title   above every panel
 --   series  list of { name, columns = {names...}, rows = { {numbers...}, ... } }
---   panels  list of { title, xlabel, ylabel, logx, logy, yrange = {lo, hi},
+--   panels  list of { title, xlabel, ylabel, logx, logy, xrange = {lo, hi}, yrange = {lo, hi},
 --                     lines = { { series = name, x = column, y = column, title, style } } }
 --           stacked top to bottom; a line's style is gnuplot's (default "linespoints").
 -- Returns { png = path or nil, data = path, script = path, note = why no PNG, or nil }.
@@ -65,6 +65,8 @@ function M.render(spec)
     "set output " .. gp_file(spec.png),
     "set grid",
     "set key outside right top",
+    "set lmargin 12", -- fixed margins line the panels' x axes up, keys in the right one
+    "set rmargin 30",
     ("set multiplot layout %d,1 title %s"):format(math.max(1, #panels), gp_string(spec.title or "")),
   }
   for _, pl in ipairs(panels) do
@@ -72,6 +74,8 @@ function M.render(spec)
     gp[#gp + 1] = "unset logscale"
     if p.logx then gp[#gp + 1] = "set logscale x" end
     if p.logy then gp[#gp + 1] = "set logscale y" end
+    gp[#gp + 1] = p.xrange and ("set xrange [%s:%s]"):format(p.xrange[1] or "*", p.xrange[2] or "*")
+      or "set autoscale x"
     gp[#gp + 1] = p.yrange and ("set yrange [%s:%s]"):format(p.yrange[1] or "*", p.yrange[2] or "*")
       or "set autoscale y"
     gp[#gp + 1] = "set title " .. gp_string(p.title or "")
