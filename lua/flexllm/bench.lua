@@ -9,7 +9,7 @@ local cjson = require "cjson"
 
 local M = {}
 
-local floor, max, min = math.floor, math.max, math.min
+local max, min = math.max, math.min
 
 local function now() return require("flexllm.core").now() end
 
@@ -70,17 +70,19 @@ end
 
 -- The trace's requests: { arrival, prompt (text), ids (when a tokenizer is at hand),
 -- output_len }. o: rate, arrival, cv, requests or duration, seed, dataset (a list from
--- trace.load_prompts) or prompt_len, output_len, max_prompt_len, max_output_len,
+-- trace.load_prompts) or prompt_len (synthetic prompts: that many words, or tokens with a
+-- tokenizer; 64 by default), output_len, max_prompt_len, max_output_len,
 -- max_seq (the model's context, when known). tok: a tokenizer, or nil over HTTP.
 function M.build_requests(o, tok)
   local times, err = trace.arrivals({ rate = o.rate, kind = o.arrival, cv = o.cv, n = o.requests,
                                       duration = o.duration, seed = o.seed })
   if not times then return nil, err end
   local rng = trace.rng((o.seed or 1) + 7919)
+  local plen = o.prompt_len or 64
   local reqs = {}
   for i, t in ipairs(times) do
     local item = o.dataset and o.dataset[rng:int(1, #o.dataset)]
-    local text = item and item.prompt or synthetic_text(rng, o.prompt_len or 64)
+    local text = item and item.prompt or synthetic_text(rng, plen)
     local out = o.output_len
     if not out and item then
       out = item.output_tokens
@@ -91,11 +93,11 @@ function M.build_requests(o, tok)
     local r = { arrival = t, prompt = text, output_len = out }
     if tok then
       local ids = tok:encode(text)
-      if not item and o.prompt_len then -- synthetic: exactly prompt_len tokens
+      if not item then -- synthetic: exactly plen tokens
         local k = #ids
-        while #ids < o.prompt_len do ids[#ids + 1] = ids[(#ids % k) + 1] end
+        while #ids < plen do ids[#ids + 1] = ids[(#ids % k) + 1] end
       end
-      local cap = o.max_prompt_len or (item and math.huge or o.prompt_len)
+      local cap = o.max_prompt_len or (item and math.huge or plen)
       if o.max_seq then
         if out >= o.max_seq then out = o.max_seq - 1 end
         cap = min(cap, o.max_seq - out)
@@ -318,7 +320,7 @@ local function server_model(cl, host, port, prefix, headers)
   error("GET /v1/models: no answer within 10 s", 0)
 end
 
-local function http_run(reqs, o, slo)
+local function http_run(reqs, o)
   local host, port, prefix = assert(M.parse_url(o.url))
   local cl = http_client()
   local headers = { ["content-type"] = "application/json" }
@@ -500,7 +502,7 @@ function M.run(o, log)
     if model then
       records, elapsed, ft, extra = in_process_run(model, reqs, ro, slo)
     else
-      records, elapsed, ft, extra = http_run(reqs, ro, slo)
+      records, elapsed, ft, extra = http_run(reqs, ro)
     end
     for _, r in ipairs(records) do M.finish_record(r, slo) end
     local m = M.metrics(records, slo, elapsed)

@@ -184,7 +184,7 @@ commands.demo = {
 }
 
 commands.bench = {
-  usage = "bench (--model DIR [--policy NAME|FILE] [--finetune DATA.jsonl] | --url http://HOST:PORT\n"
+  usage = "bench (--model DIR [--policy NAME|FILE|none] [--finetune DATA.jsonl] | --url http://HOST:PORT\n"
     .. "         [--api-key K] [--model-name NAME] [--tokenizer FILE|DIR]) [--rate R | --rates R1,R2,...]\n"
     .. "         [--requests N | --duration S] [--arrival poisson|gamma] [--cv X] [--dataset FILE.json]\n"
     .. "         [--prompt-len N] [--output-len N] [--max-prompt-len N] [--max-output-len N]\n"

@@ -10,7 +10,7 @@ local cjson = require "cjson"
 
 local M = {}
 
-local floor, max, min = math.floor, math.max, math.min
+local max = math.max
 
 -- -------------------------------------------------------------------- the task
 
@@ -287,7 +287,7 @@ function M.main(o)
   -- and the last third of the trace.
   local live = {}
   for _, r in ipairs(records) do
-    if r.kind == "live" then live[#live + 1] = { t = r.arrival, ok = r.text == reqs[r.index].expect, text = r.text } end
+    if r.kind == "live" then live[#live + 1] = { t = r.arrival, ok = r.text == reqs[r.index].expect } end
   end
   local third = elapsed / 3
   local live_early, live_late = { ok = 0, n = 0 }, { ok = 0, n = 0 }

@@ -218,6 +218,16 @@ describe("bench.build_requests", function()
     end
   end)
 
+  it("makes synthetic prompts of 64 tokens without prompt_len, and of 64 words without a tokenizer", function()
+    for _, r in ipairs(assert(bench.build_requests({ rate = 3, requests = 5, seed = 4, output_len = 5 }, tok))) do
+      assert.are.equal(64, #r.ids)
+    end
+    for _, r in ipairs(assert(bench.build_requests({ rate = 3, requests = 5, seed = 4, output_len = 5 }))) do
+      assert.is_nil(r.ids)
+      assert.are.equal(64, select(2, r.prompt:gsub("%S+", "")))
+    end
+  end)
+
   it("takes output lengths from the data set, capped, and cuts prompts to fit the context", function()
     local data = { { prompt = ("x"):rep(300), output_tokens = 90 }, { prompt = "short", response = "abcdef" } }
     local reqs = assert(bench.build_requests({ rate = 1, requests = 40, seed = 1, dataset = data,
