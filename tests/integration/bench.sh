@@ -119,4 +119,29 @@ else
     tap_skip "bench over HTTP: build/lib/flexllm/http.so is not built"
 fi
 
+# Against `flexllm serve` itself: its streamed chunks and usage give the same counts.
+if [ -f build/lib/flexllm/http.so ] && $FL help | grep -q "^  serve "; then
+    $FL init-model "$TMP/small" --dim 64 --hidden 160 --layers 2 --heads 4 --kv-heads 2 >/dev/null
+    $FL serve --model "$TMP/small" --port 0 --data-dir "$TMP/srv" >"$TMP/serve.log" 2>&1 &
+    srv=$!
+    for _ in $(seq 100); do grep -q "listening on" "$TMP/serve.log" && break; sleep 0.1; done
+    url=$(grep -o "http://[0-9.:]*" "$TMP/serve.log" | head -1)
+    if [ -n "$url" ] && $FL bench --url "$url" --requests 6 --rate 20 --prompt-len 10 --output-len 5 \
+            --out "$TMP/serve.json" >"$TMP/serve-bench.log" 2>&1; then
+        # A chunk carries text: a token ending mid-character comes with the next one, so
+        # there are at most 4 gaps per request, and the usage chunk counts the tokens.
+        tap_check "bench against flexllm serve: 6 requests, 5 tokens each by the usage, timed from the stream" \
+            check "$TMP/serve.json" \
+            'd.runs[1].completed == 6 and d.runs[1].errors == 0 and d.runs[1].itl_s.n <= 6 * 4' \
+            'math.abs(d.runs[1].throughput.output_tokens_per_s * d.runs[1].duration_s - 30) < 1e-6' \
+            'd.runs[1].ttft_s.n == 6 and d.runs[1].tpot_s.n == 6 and d.runs[1].ttft_s.p50 > 0'
+    else
+        tap_fail "bench against flexllm serve ($url): $(tail -3 "$TMP/serve-bench.log") $(tail -3 "$TMP/serve.log")"
+    fi
+    kill "$srv" 2>/dev/null
+    wait "$srv" 2>/dev/null
+else
+    tap_skip "bench against flexllm serve: no serve command or no http module"
+fi
+
 tap_done
