@@ -243,9 +243,7 @@ local function in_process_run(model, reqs, o, slo)
     job_id = rt:add_job(job)
   end
   local st0 = rt:stats()
-  local series = {}
-  local records, elapsed = M.drive(rt, reqs, { job = job, job_id = job_id,
-    on_step = function(t, _, events, st) series[#series + 1] = { t, #events, st.ft_forward_tokens, st.ft_backward_tokens } end })
+  local records, elapsed = M.drive(rt, reqs, { job = job, job_id = job_id })
   local st = rt:stats()
   if ft_dir then os.execute("rm -rf '" .. ft_dir .. "'") end
   local ft = cjson.null
@@ -308,8 +306,8 @@ local function server_model(cl, host, port, prefix, headers)
         elseif ev.kind == "data" then body[#body + 1] = ev.data
         elseif ev.kind == "error" then error(("GET %s/v1/models: %s"):format(prefix, ev.message), 0)
         elseif ev.kind == "done" then
-          local obj = cjson.decode(table.concat(body))
-          if status ~= 200 or type(obj) ~= "table" or type(obj.data) ~= "table" or not obj.data[1] then
+          local ok, obj = pcall(cjson.decode, table.concat(body))
+          if not ok or status ~= 200 or type(obj) ~= "table" or type(obj.data) ~= "table" or not obj.data[1] then
             error(("GET %s/v1/models answered %s: %s"):format(prefix, tostring(status), table.concat(body)), 0)
           end
           return obj.data[1].id
