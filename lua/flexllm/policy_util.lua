@@ -129,6 +129,9 @@ function M.add_prefills(state, plan, limit, accept, added, pages, seqs, admittin
   local reqs = state.requests
   added, pages, seqs = added or 0, pages or state.kv_pages_free, seqs or state.seqs_free
   if admitting == nil then admitting = true end
+  -- Without a sequence slot every waiting request would be refused: skip them (and their
+  -- accept calls) at once; the plan is the same.
+  admitting = admitting and seqs > 0
   for i = 0, state.n_requests - 1 do
     if added >= limit or plan.n_items >= plan.cap_items then break end
     local s = reqs[i].state
@@ -138,7 +141,7 @@ function M.add_prefills(state, plan, limit, accept, added, pages, seqs, admittin
       added = added + n
       -- Later arrivals wait behind a request that does not fit; admitting them past it would
       -- starve long prompts. Admitted requests go on: they hold their pages already.
-      if refused then admitting = false end
+      if refused or seqs <= 0 then admitting = false end
     end
   end
   return added, pages, seqs, admitting
