@@ -355,7 +355,7 @@ function M.main(o)
   print()
   print(("co-served for %.1f s in %d iterations"):format(elapsed, st.iterations))
   if st.policy_failures > 0 then -- such an iteration ran the built-in plan instead
-    print(("  %d policy failures, the last: %s"):format(st.policy_failures, st.policy_error))
+    print(("  %d policy failures, the last: %s"):format(st.policy_failures, st.policy_error:match("^[^\n]*")))
   end
   print(("inference: %d/%d requests done; SLO attainment %.1f%% (TTFT <= %g s and TPOT <= %g ms), goodput %.2f req/s")
     :format(m.completed, m.requests, 100 * (m.slo_attainment ~= cjson.null and m.slo_attainment or 0), ttft_slo,
