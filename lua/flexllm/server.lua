@@ -86,7 +86,7 @@ end
 function M.new(opts)
   local S = setmetatable({ opts = opts, log = opts.log or log, gens = {}, by_conn = {},
                            started_at = os.time(), new_id = id_maker(), last_tick = 0,
-                           http_requests = 0, finished = {}, events_seen = 0 }, Server)
+                           http_requests = 0, finished = {} }, Server)
   S.clock = fl.now
   S.model_dir = opts.model:gsub("/+$", "")
   S.base = S.model_dir:match("([^/]+)$") or S.model_dir
@@ -655,5 +655,4 @@ function M.run(opts)
   return 0
 end
 
-M.Server = Server
 return M
