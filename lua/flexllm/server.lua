@@ -118,6 +118,7 @@ function M.new(opts)
   S.hooks, err = load_lifecycle(opts.lifecycle)
   if not S.hooks then return nil, err end
   local _, kv_total = S.ctx:kv_pages()
+  -- K and V in fp32, FL_KV_PAGE_TOKENS (16) tokens a page, as fl_context_new sizes the pool
   S.kv_bytes = 2 * cfg.n_layers * 16 * cfg.n_kv_heads * cfg.head_dim * 4 * kv_total
   local budget
   if opts.memory_budget then
