@@ -177,7 +177,7 @@ function M.main(o)
   o.seed = o.seed or 1
   o.requests = o.requests or (quick and 24 or 180)
   o.rate = o.rate or (quick and 8 or 6)
-  o.steps = o.steps or (quick and 150 or 1200)
+  o.steps = o.steps or (quick and 150 or 1500)
   local out = o.out or ((os.getenv("TMPDIR") or "/tmp") .. "/flexllm-demo")
   for _, k in ipairs({ "requests", "steps" }) do
     if o[k] < 1 or o[k] % 1 ~= 0 then error(("--%s must be a positive integer, got %s"):format(k, o[k]), 0) end
