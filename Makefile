@@ -143,3 +143,4 @@ install: $(MODULE) $(HTTP_MODULE) $(SCHED_ABI)
 
 clean:
 	rm -rf build
+include tests/fuzz/fuzz.mk

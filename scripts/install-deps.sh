@@ -2,10 +2,11 @@
 # Installs the Debian packages flexllm builds and tests with, when any is missing.
 # lua5.1 makes Debian's luarocks (run by lua-any) default to Lua 5.1, the ABI of LuaJIT.
 # gnuplot-nox draws the plots of `flexllm demo` and `flexllm bench` (optional at runtime).
+# Arguments name further packages a target needs (`make fuzz`: clang and its libFuzzer).
 set -u
 PKGS="build-essential luajit libluajit-5.1-dev libev-dev lua-cjson libcjson-dev \
 libopenblas-openmp-dev libpcre2-dev libutf8proc-dev libhttp-parser-dev lua-busted luarocks lua5.1 \
-gnuplot-nox"
+gnuplot-nox $*"
 
 missing=""
 for p in $PKGS; do

@@ -605,7 +605,13 @@ function Server:handle(req, w)
   self.http_requests = self.http_requests + 1
   local ok, err = xpcall(route, traceback, self, req, w)
   if ok then return end
-  if R.is_error(err) then
+  if w.streaming then -- the status line is out: end the stream with an error event
+    if not R.is_error(err) then self.log(("internal error in %s %s: %s"):format(req.method, req.path, err)) end
+    local status = R.is_error(err) and err.status or 500
+    local message = R.is_error(err) and err.message or "internal server error: " .. (tostring(err):match("^[^\n]*"))
+    pcall(w.write, w, "data: " .. R.error_body(status, message, nil, nil) .. "\n\n")
+    pcall(w.finish, w)
+  elseif R.is_error(err) then
     R.send_error(w, err.status, err.message, err.param, err.code,
       err.status == 401 and { ["www-authenticate"] = "Bearer" } or nil)
   else
@@ -620,7 +626,10 @@ local Writer = {}
 Writer.__index = Writer
 
 function Writer:respond(status, headers, body) return self.srv:respond(self.conn, status, headers, body) end
-function Writer:start_stream(status, headers) return self.srv:start_stream(self.conn, status, headers) end
+function Writer:start_stream(status, headers)
+  self.streaming = true
+  return self.srv:start_stream(self.conn, status, headers)
+end
 function Writer:write(data) return self.srv:write(self.conn, data) end
 function Writer:finish() return self.srv:finish(self.conn) end
 
