@@ -229,7 +229,7 @@ function M.main(o)
     for _, r in pairs(records) do
       if r.done then
         done = done + 1
-        if (not r.ttft or r.ttft <= ttft_slo) and r.tpot <= tpot_slo then met = met + 1 end
+        if (r.ttft or r.first - r.arrival) <= ttft_slo and (r.tpot or 0) <= tpot_slo then met = met + 1 end
       end
     end
     local p = job:progress()
@@ -291,7 +291,7 @@ function M.main(o)
   for _, r in ipairs(records) do
     if r.kind == "live" then live[#live + 1] = { t = r.arrival, ok = r.text == reqs[r.index].expect } end
   end
-  local third = elapsed / 3
+  local third = reqs[#reqs].arrival / 3
   local live_early, live_late = { ok = 0, n = 0 }, { ok = 0, n = 0 }
   for _, l in ipairs(live) do
     local bucket = l.t < third and live_early or l.t >= 2 * third and live_late or nil
