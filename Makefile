@@ -45,6 +45,12 @@ CULIB  := build/libflexllm_cuda.a
 
 ifeq ($(CUDA),1)
 CUDA_TARGETS := $(CULIB) $(CUTESTS)
+# The engine reaches the CUDA library only through fl_cuda_backend, a weak reference in
+# engine/model.c that pulls nothing out of an archive: programs that want the CUDA backend
+# link the library whole, before libflexllm.a (whose symbols it uses).
+CUDA_WHOLE := -Wl,--whole-archive $(CULIB) -Wl,--no-whole-archive
+CUDA_LIBS  := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++
+MODULE_CUDA := $(CULIB)
 endif
 
 .PHONY: all lib module tests cuda deps test demo bench install clean
@@ -56,7 +62,7 @@ module: $(MODULE) $(HTTP_MODULE) $(SCHED_ABI)
 $(SCHED_ABI): engine/include/fl_sched.h scripts/gen-sched-abi.lua
 	@mkdir -p $(dir $@)
 	$(LUAJIT) scripts/gen-sched-abi.lua $< $@
-tests: $(TESTS) $(ASAN_TESTS) $(CUDA_TARGETS)
+tests: $(TESTS) $(ASAN_TESTS) $(MOCK_TESTS) $(CUDA_TARGETS)
 cuda: $(CULIB) $(CUTESTS)
 
 build/obj/%.o: %.c $(wildcard engine/*.h engine/include/*.h kernels/*.h kernels/cpu/*.h)
@@ -79,9 +85,12 @@ build/asan/libflexllm.a: $(ASAN_OBJ)
 # Debian's luajit has the VM built in, and a second copy in the same process (libluajit,
 # pulled in by the policy host) must never be loaded next to it.
 # nodelete: Lua unloads C modules at exit while OpenMP worker threads still run its code.
-$(MODULE): $(LUA_OBJ) $(LIB)
+# With CUDA=1 it carries the CUDA backend (libcudart and libcublas load without a driver or
+# device; the engine then picks the CPU).
+$(MODULE): $(LUA_OBJ) $(LIB) $(MODULE_CUDA)
 	@mkdir -p $(dir $@)
-	$(CC) -shared -Wl,-z,nodelete -o $@ $(LUA_OBJ) $(LIB) $(filter-out -lluajit-5.1,$(LIBS))
+	$(CC) -shared -Wl,-z,nodelete -o $@ $(LUA_OBJ) $(CUDA_WHOLE) $(LIB) $(CUDA_LIBS) \
+	  $(filter-out -lluajit-5.1,$(LIBS))
 
 # The HTTP transport (flexllm.http): libev and http-parser, nothing of the engine.
 build/obj/engine/http/%.o: engine/http/%.c $(wildcard engine/http/*.h)
@@ -111,8 +120,19 @@ $(CULIB): $(CU_OBJ)
 
 build/tests/cuda_%: tests/cuda/%.c tests/c/tap.h $(wildcard tests/cuda/*.h) $(CULIB) $(LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_FL) $(OPT) -Itests/c -I$(CUDA_HOME)/include $< -o $@ $(CULIB) $(LIB) \
-	  -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++ $(LIBS)
+	$(CC) $(CFLAGS_FL) $(OPT) -Itests/c -I$(CUDA_HOME)/include $< -o $@ $(CUDA_WHOLE) $(LIB) \
+	  $(CUDA_LIBS) $(LIBS)
+
+# The engine's cuda path on a CPU stand-in for the backend (tests/cuda/mock_backend.c): it
+# needs no device, so it is built in every configuration, with and without ASan.
+MOCK_TESTS := build/tests/test_cuda_mock build/asan/tests/test_cuda_mock
+build/tests/test_cuda_mock: tests/cuda/mock_backend.c tests/c/tap.h $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_FL) $(OPT) -Itests/c $< -o $@ $(LIB) $(LIBS)
+
+build/asan/tests/test_cuda_mock: tests/cuda/mock_backend.c tests/c/tap.h build/asan/libflexllm.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_FL) -O1 $(SAN) -Itests/c $< -o $@ build/asan/libflexllm.a $(LIBS)
 
 deps:
 	@scripts/install-deps.sh

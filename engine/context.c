@@ -39,9 +39,10 @@ static int alloc_scratch(fl_scratch *s, const fl_model *m, int T) {
     s->gate = fl_malloc(sizeof(float) * hid);
     s->up = fl_malloc(sizeof(float) * hid);
     s->page_tables = fl_malloc(sizeof(int32_t *) * (size_t)T);
+    s->took = fl_malloc((size_t)T);
     return (s->x && s->xb && s->proj && s->out_rows && s->q && s->att && s->k && s->v &&
             s->gate && s->up && s->page_tables && s->rinv && s->lse && s->tok_adapter &&
-            s->tok_train && s->group_tok && s->group_pos && s->lora_x && s->lora_y)
+            s->tok_train && s->group_tok && s->group_pos && s->lora_x && s->lora_y && s->took)
                ? 0
                : -1;
 }
@@ -67,6 +68,41 @@ static void free_scratch(fl_scratch *s) {
     free(s->lora_x);
     free(s->lora_y);
     free(s->lora_u);
+    free(s->took);
+}
+
+static int alloc_dev(fl_dev_batch *d, int T, int n_pages, int max_seqs) {
+    struct {
+        int32_t **p;
+        int n;
+    } a[] = {{&d->token, T},     {&d->pos, T},       {&d->page_start, T}, {&d->slot, T},
+             {&d->logit_rows, T}, {&d->cpu_token, T}, {&d->cpu_seq, T},    {&d->cpu_pos, T},
+             {&d->pages, n_pages}, {&d->seq_start, max_seqs}};
+    for (size_t i = 0; i < sizeof a / sizeof a[0]; i++)
+        if (!(*a[i].p = fl_malloc(sizeof(int32_t) * (size_t)a[i].n))) return -1;
+    return 0;
+}
+
+static void free_dev(fl_dev_batch *d) {
+    int32_t *a[] = {d->token,   d->pos,     d->page_start, d->slot,  d->logit_rows,
+                    d->cpu_token, d->cpu_seq, d->cpu_pos,    d->pages, d->seq_start};
+    for (size_t i = 0; i < sizeof a / sizeof a[0]; i++) free(a[i]);
+    for (int i = 0; i < FL_CUDA_ADAPTER_SLOTS; i++) free(d->slots[i].shadow);
+}
+
+/* The CPU KV pool. On cuda it holds only finetuning sequences' KV and is allocated when
+ * the first finetuning rows come. */
+static int alloc_cpu_pool(fl_context *ctx) {
+    if (ctx->k_pool) return 0;
+    const fl_model *m = ctx->model;
+    size_t pool = (size_t)m->cfg.n_layers * ctx->n_pages * FL_KV_PAGE_TOKENS * m->kv_dim;
+    ctx->k_pool = fl_malloc(sizeof(float) * pool);
+    ctx->v_pool = fl_malloc(sizeof(float) * pool);
+    if (ctx->k_pool && ctx->v_pool) return 0;
+    free(ctx->k_pool);
+    free(ctx->v_pool);
+    ctx->k_pool = ctx->v_pool = NULL;
+    return fl_error_prefix("the CPU KV pool (%zu MiB)", 2 * sizeof(float) * pool >> 20);
 }
 
 fl_context *fl_context_new(const fl_model *m, const fl_context_params *params) {
@@ -82,7 +118,12 @@ fl_context *fl_context_new(const fl_model *m, const fl_context_params *params) {
     if (p.kv_pages == 0) {
         size_t want = (size_t)p.max_seqs * ((c->max_seq_len + FL_KV_PAGE_TOKENS - 1) /
                                             FL_KV_PAGE_TOKENS);
-        size_t fit = DEFAULT_KV_BYTES / page_bytes;
+        /* On the device the pool may take half of the memory free once the weights are in;
+         * the rest is left to scratch, cuBLAS and other contexts. */
+        size_t budget = DEFAULT_KV_BYTES, free_bytes, total_bytes;
+        if (m->device == FL_DEVICE_CUDA && m->cuda->mem_info(&free_bytes, &total_bytes) == 0)
+            budget = free_bytes / 2;
+        size_t fit = budget / page_bytes;
         p.kv_pages = (int)(want < fit ? want : fit);
         if (p.kv_pages < 1) p.kv_pages = 1;
     }
@@ -91,13 +132,15 @@ fl_context *fl_context_new(const fl_model *m, const fl_context_params *params) {
     ctx->model = m;
     ctx->params = p;
     ctx->n_pages = ctx->n_free = p.kv_pages;
-    size_t pool = (size_t)c->n_layers * p.kv_pages * FL_KV_PAGE_TOKENS * m->kv_dim;
-    ctx->k_pool = fl_malloc(sizeof(float) * pool);
-    ctx->v_pool = fl_malloc(sizeof(float) * pool);
     ctx->free_pages = fl_malloc(sizeof(int32_t) * (size_t)p.kv_pages);
     ctx->seqs = fl_calloc((size_t)p.max_seqs, sizeof(fl_seq));
-    if (!ctx->k_pool || !ctx->v_pool || !ctx->free_pages || !ctx->seqs ||
-        alloc_scratch(&ctx->s, m, p.max_batch_tokens) != 0) {
+    int ok = ctx->free_pages && ctx->seqs && alloc_scratch(&ctx->s, m, p.max_batch_tokens) == 0;
+    if (ok && m->device == FL_DEVICE_CUDA)
+        ok = alloc_dev(&ctx->dev, p.max_batch_tokens, p.kv_pages, p.max_seqs) == 0 &&
+             (ctx->cuda = m->cuda->model_new(m->cuda_weights, p.max_batch_tokens, p.kv_pages));
+    else if (ok)
+        ok = alloc_cpu_pool(ctx) == 0;
+    if (!ok) {
         fl_error_prefix("context with %d KV pages (%zu MiB)", p.kv_pages,
                         (size_t)p.kv_pages * page_bytes >> 20);
         fl_context_free(ctx);
@@ -118,6 +161,8 @@ void fl_context_free(fl_context *ctx) {
     free(ctx->k_pool);
     free(ctx->v_pool);
     free_scratch(&ctx->s);
+    if (ctx->cuda) ctx->model->cuda->model_free(ctx->cuda);
+    free_dev(&ctx->dev);
     free(ctx);
 }
 
@@ -405,32 +450,59 @@ static void poison_scratch(fl_context *ctx) {
 
 void fl_context_poison_scratch(fl_context *ctx, int on) { ctx->poison = on; }
 
-int fl_forward(fl_context *ctx, const fl_batch *b, float *logits) {
-    const fl_model *m = ctx->model;
-    const fl_config *c = &m->cfg;
-    fl_scratch *s = &ctx->s;
-    int new_pages;
-    if (validate_batch(ctx, b, &new_pages) != 0) return -1;
-    batch_info bi = {.b = b};
-    bi.n_groups = group_by_adapter(ctx, b, bi.adapters, bi.start);
-    if (bi.n_groups > MAX_GROUPS)
-        return fl_error("batch: more than %d adapter groups", MAX_GROUPS);
-    for (int g = 0; g < bi.n_groups; g++)
-        if (ensure_lora_u(s, ctx->params.max_batch_tokens, bi.adapters[g]->p.rank) != 0) return -1;
-    int T = b->n_tokens;
-    for (int t = 0; t < T; t++) { /* all pages first: taking one may move a page table */
+/* Takes the pages the batch's tokens begin, marking which token took one; all before any
+ * page table is read, since taking a page may move one. */
+static void undo_pages(fl_context *ctx, const fl_batch *b, int n);
+static int take_pages(fl_context *ctx, const fl_batch *b) {
+    for (int t = 0; t < b->n_tokens; t++) {
         fl_seq *sq = &ctx->seqs[b->seq[t]];
-        if (sq->len % FL_KV_PAGE_TOKENS == 0 && sq->len / FL_KV_PAGE_TOKENS >= sq->n_pages &&
-            take_page(ctx, sq) != 0)
+        ctx->s.took[t] = sq->len % FL_KV_PAGE_TOKENS == 0 &&
+                         sq->len / FL_KV_PAGE_TOKENS >= sq->n_pages;
+        if (ctx->s.took[t] && take_page(ctx, sq) != 0) {
+            undo_pages(ctx, b, t);
             return -1;
+        }
         sq->len++;
     }
+    return 0;
+}
+
+/* Undoes take_pages for the batch's first n tokens: the lengths as they were, the pages back
+ * on the free stack in the order they left it. */
+static void undo_pages(fl_context *ctx, const fl_batch *b, int n) {
+    for (int t = n - 1; t >= 0; t--) {
+        fl_seq *sq = &ctx->seqs[b->seq[t]];
+        sq->len--;
+        if (ctx->s.took[t]) ctx->free_pages[ctx->n_free++] = sq->pages[--sq->n_pages];
+    }
+}
+
+/* Groups the batch by adapter and sizes the LoRA scratch: what can fail before anything
+ * changes. */
+static int cpu_prepare(fl_context *ctx, const fl_batch *b, batch_info *bi) {
+    bi->b = b;
+    bi->n_groups = group_by_adapter(ctx, b, bi->adapters, bi->start);
+    if (bi->n_groups > MAX_GROUPS)
+        return fl_error("batch: more than %d adapter groups", MAX_GROUPS);
+    for (int g = 0; g < bi->n_groups; g++)
+        if (ensure_lora_u(&ctx->s, ctx->params.max_batch_tokens, bi->adapters[g]->p.rank) != 0)
+            return -1;
+    return 0;
+}
+
+/* The forward on the CPU, once the batch's pages are taken. Returns the logit rows written. */
+static int cpu_run(fl_context *ctx, const batch_info *bi, float *logits) {
+    const fl_model *m = ctx->model;
+    const fl_config *c = &m->cfg;
+    const fl_batch *b = bi->b;
+    fl_scratch *s = &ctx->s;
+    int T = b->n_tokens;
     for (int t = 0; t < T; t++) {
         s->page_tables[t] = ctx->seqs[b->seq[t]].pages;
         memcpy(s->x + (size_t)t * c->dim, m->embed + (size_t)b->token[t] * c->dim,
                sizeof(float) * c->dim);
     }
-    for (int l = 0; l < c->n_layers; l++) layer_forward(ctx, l, &bi);
+    for (int l = 0; l < c->n_layers; l++) layer_forward(ctx, l, bi);
     if (training_losses(ctx, b) != 0) return -1;
 
     int n_out = 0;
@@ -445,4 +517,120 @@ int fl_forward(fl_context *ctx, const fl_batch *b, float *logits) {
         fl_model_linear(m, logits, s->out_rows, &m->lm_head, NULL, n_out, c->dim, c->vocab_size);
     if (ctx->poison) poison_scratch(ctx);
     return n_out;
+}
+
+/* Puts adapter a's weights, as they are now, in slot i of the device. */
+static int upload_adapter(fl_context *ctx, int i, const fl_adapter *a, long long now) {
+    const fl_model *m = ctx->model;
+    fl_dev_slot *sl = &ctx->dev.slots[i];
+    int n = m->cfg.n_layers * FL_LORA_N_TARGETS;
+    sl->adapter = NULL;
+    sl->used = 0;
+    const float **ab = fl_malloc(sizeof(float *) * 2 * (size_t)n);
+    if (!ab) return -1;
+    for (int k = 0; k < n; k++) {
+        const fl_lora_weight *w = fl_lora_at(a, k / FL_LORA_N_TARGETS, k % FL_LORA_N_TARGETS);
+        ab[k] = w ? w->A : NULL;
+        ab[n + k] = w ? w->B : NULL;
+    }
+    fl_cuda_adapter ca = {.rank = a->p.rank, .scale = a->scale, .A = ab, .B = ab + n};
+    int rc = m->cuda->set_adapter(ctx->cuda, i, &ca);
+    free(ab);
+    if (rc != 0) return -1;
+    if (sl->n_params != a->n_params) {
+        free(sl->shadow);
+        sl->n_params = 0;
+        if (!(sl->shadow = fl_malloc(sizeof(float) * a->n_params))) return -1;
+        sl->n_params = a->n_params;
+    }
+    memcpy(sl->shadow, a->params, sizeof(float) * a->n_params);
+    sl->adapter = a;
+    sl->used = now;
+    return i;
+}
+
+/* The device slot holding adapter a's weights as they are now, uploading them when none
+ * does (into the slot least recently used, never one this forward uses). An adapter's
+ * address proves nothing about its content: it may have been trained since (the optimizer
+ * writes its parameters in place), or freed and another made at the same address. So each
+ * forward compares the parameters with the copy uploaded last, a pass over the adapter that
+ * is small beside the base weights' traffic. Returns the slot, or -1. */
+static int adapter_slot(fl_context *ctx, const fl_adapter *a, long long now) {
+    fl_dev_slot *sl = ctx->dev.slots;
+    int found = -1, lru = -1;
+    for (int i = 0; i < FL_CUDA_ADAPTER_SLOTS && found < 0; i++) {
+        if (sl[i].adapter == a) found = i;
+        else if (sl[i].used != now && (lru < 0 || sl[i].used < sl[lru].used)) lru = i;
+    }
+    if (found >= 0 && (sl[found].used == now ||
+                       (sl[found].n_params == a->n_params &&
+                        memcmp(sl[found].shadow, a->params, sizeof(float) * a->n_params) == 0))) {
+        sl[found].used = now;
+        return found;
+    }
+    int i = found >= 0 ? found : lru;
+    if (i < 0)
+        return fl_error("batch: more than %d adapters in one forward on the device",
+                        FL_CUDA_ADAPTER_SLOTS);
+    return upload_adapter(ctx, i, a, now);
+}
+
+/* A batch on a cuda context: inference rows on the device; finetuning rows on the CPU, their
+ * sequences' KV in the CPU pool (training on the device comes with the backward there).
+ * Attention never crosses sequences, so splitting a batch by sequence changes no result. */
+static int forward_device(fl_context *ctx, const fl_batch *b, float *logits) {
+    const fl_model *m = ctx->model;
+    fl_dev_batch *d = &ctx->dev;
+    int T = b->n_tokens, n_dev = 0, n_cpu = 0, n_out = 0;
+    long long now = ++d->forwards;
+    for (int t = 0; t < T; t++) {
+        if (ctx->seqs[b->seq[t]].train) {
+            d->cpu_token[n_cpu] = b->token[t];
+            d->cpu_seq[n_cpu] = b->seq[t];
+            d->cpu_pos[n_cpu++] = b->pos[t];
+            continue;
+        }
+        const fl_adapter *a = b->adapter ? b->adapter[t] : NULL;
+        int slot = a ? adapter_slot(ctx, a, now) : -1;
+        if (a && slot < 0) return -1;
+        if (b->logits ? b->logits[t] != 0 : t == T - 1) d->logit_rows[n_out++] = n_dev;
+        d->token[n_dev] = b->token[t];
+        d->pos[n_dev] = b->pos[t];
+        d->slot[n_dev++] = slot;
+    }
+    fl_batch sub = {.n_tokens = n_cpu, .token = d->cpu_token, .seq = d->cpu_seq,
+                    .pos = d->cpu_pos};
+    batch_info bi;
+    if (n_cpu > 0 && (alloc_cpu_pool(ctx) != 0 || cpu_prepare(ctx, &sub, &bi) != 0)) return -1;
+    if (take_pages(ctx, b) != 0) return -1;
+    if (n_dev > 0) {
+        int n_ids = 0, k = 0;
+        for (int t = 0; t < T; t++) d->seq_start[b->seq[t]] = -1;
+        for (int t = 0; t < T; t++) {
+            const fl_seq *sq = &ctx->seqs[b->seq[t]];
+            if (sq->train) continue;
+            if (d->seq_start[b->seq[t]] < 0) {
+                d->seq_start[b->seq[t]] = n_ids;
+                memcpy(d->pages + n_ids, sq->pages, sizeof(int32_t) * (size_t)sq->n_pages);
+                n_ids += sq->n_pages;
+            }
+            d->page_start[k++] = d->seq_start[b->seq[t]];
+        }
+        if (m->cuda->forward(ctx->cuda, d->token, d->pos, d->page_start, d->slot, n_dev, d->pages,
+                             n_ids, d->logit_rows, n_out, logits) != 0) {
+            undo_pages(ctx, b, T);
+            return -1;
+        }
+    }
+    if (n_cpu > 0 && cpu_run(ctx, &bi, NULL) < 0) return -1;
+    return n_out;
+}
+
+int fl_forward(fl_context *ctx, const fl_batch *b, float *logits) {
+    int new_pages;
+    if (validate_batch(ctx, b, &new_pages) != 0) return -1;
+    if (ctx->cuda) return forward_device(ctx, b, logits);
+    batch_info bi;
+    if (cpu_prepare(ctx, b, &bi) != 0 || take_pages(ctx, b) != 0) return -1;
+    return cpu_run(ctx, &bi, logits);
 }

@@ -10,7 +10,10 @@
 #include <string.h>
 
 fl_model_params fl_model_default_params(void) {
-    fl_model_params p = {.n_threads = 2, .gemm = FL_GEMM_PACKED};
+    fl_model_params p = {.n_threads = 2,
+                         .gemm = FL_GEMM_PACKED,
+                         .device = FL_DEVICE_AUTO,
+                         .device_weights = FL_DEVICE_WEIGHTS_AUTO};
     return p;
 }
 
@@ -74,6 +77,7 @@ static const float *load_tensor(fl_model *m, const char *name, int ndim, int64_t
         return NULL;
     }
     m->n_params += (size_t)t->numel;
+    if (ndim == 2 && t->dtype != FL_DTYPE_BF16) m->non_bf16_matrices++;
     if (t->dtype == FL_DTYPE_F32 && ((uintptr_t)t->data % sizeof(float)) == 0)
         return (const float *)t->data;
     float *buf = fl_malloc(sizeof(float) * (size_t)t->numel);
@@ -85,8 +89,7 @@ static const float *load_tensor(fl_model *m, const char *name, int ndim, int64_t
 
 /* HF rotate-half frequencies, with LLaMA-3.1's piecewise rescaling when configured.
  * Computed in float as llama2.c does, so greedy outputs match it bit for bit. */
-static void init_inv_freq(fl_model *m) {
-    const fl_config *c = &m->cfg;
+void fl_rope_inv_freq(const fl_config *c, float *inv_freq) {
     int half = c->head_dim / 2;
     for (int i = 0; i < half; i++) {
         float f = 1.0f / powf(c->rope_theta, (float)(2 * i) / (float)c->head_dim);
@@ -103,7 +106,7 @@ static void init_inv_freq(fl_model *m) {
                 f = (float)((1.0 - smooth) * f / c->rope_factor + smooth * f);
             }
         }
-        m->inv_freq[i] = f;
+        inv_freq[i] = f;
     }
 }
 
@@ -157,13 +160,70 @@ static int load_weights(fl_model *m) {
     } else if (!(m->lm_head.w = load_tensor(m, "lm_head.weight", 2, c->vocab_size, c->dim))) {
         return -1;
     }
-    init_inv_freq(m);
+    fl_rope_inv_freq(c, m->inv_freq);
     return 0;
+}
+
+/* Weak: NULL unless the program links the CUDA library (see fl_cuda_backend_api). */
+extern const fl_cuda_backend_api *fl_cuda_backend(void) __attribute__((weak));
+
+/* Picks the forward's device and, on cuda, uploads the weights. Asked for cuda, any reason
+ * it cannot be is an error; on auto it is the message of the cpu choice. */
+static int choose_device(fl_model *m, const fl_model_params *p) {
+    const size_t cap = sizeof m->device_why;
+    m->device = FL_DEVICE_CPU;
+    int asked = p->device == FL_DEVICE_CUDA;
+    const char *how = asked ? "asked for" : "auto";
+    if (p->device == FL_DEVICE_CPU) {
+        snprintf(m->device_why, cap, "cpu: asked for");
+        return 0;
+    }
+    const fl_cuda_backend_api *api = fl_cuda_backend ? fl_cuda_backend() : NULL;
+    if (!api) {
+        if (asked)
+            return fl_error("device cuda: this program was built without the CUDA backend "
+                            "(make CUDA=0, or libflexllm_cuda.a not linked)");
+        snprintf(m->device_why, cap, "cpu: auto, built without CUDA");
+        return 0;
+    }
+    char dev[192];
+    if (api->probe(dev, sizeof dev) <= 0) {
+        if (asked) return fl_error("device cuda: no usable CUDA device: %s", dev);
+        snprintf(m->device_why, cap, "cpu: auto, built with CUDA but no usable device (%s)", dev);
+        return 0;
+    }
+    int bf16 = p->device_weights == FL_DEVICE_WEIGHTS_BF16 ||
+               (p->device_weights == FL_DEVICE_WEIGHTS_AUTO && m->non_bf16_matrices == 0);
+    m->cuda_weights = api->weights_new(m, bf16 ? FL_CUDA_BF16 : FL_CUDA_F32);
+    if (!m->cuda_weights) {
+        if (asked) return fl_error_prefix("device cuda (%s)", dev);
+        snprintf(m->device_why, cap, "cpu: auto, the weights did not go onto the device (%s): %s",
+                 dev, fl_last_error());
+        return 0;
+    }
+    m->cuda = api;
+    m->device = FL_DEVICE_CUDA;
+    snprintf(m->device_why, cap, "cuda: %s, %s, %s weights", dev, how, bf16 ? "bf16" : "fp32");
+    return 0;
+}
+
+fl_device fl_model_device(const fl_model *m, const char **why) {
+    if (why) *why = m->device_why;
+    return m->device;
 }
 
 fl_model *fl_model_load(const char *dir, const fl_model_params *params) {
     fl_model_params p = params ? *params : fl_model_default_params();
     char path[4096];
+    if (p.device < FL_DEVICE_AUTO || p.device > FL_DEVICE_CUDA) {
+        fl_error("model params: device %d is not auto (0), cpu (1) or cuda (2)", (int)p.device);
+        return NULL;
+    }
+    if (p.device_weights < FL_DEVICE_WEIGHTS_AUTO || p.device_weights > FL_DEVICE_WEIGHTS_F32) {
+        fl_error("model params: device_weights %d is not auto (0), bf16 (1) or fp32 (2)",
+                 (int)p.device_weights);
+        return NULL;
+    }
     fl_model *m = fl_calloc(1, sizeof *m);
     if (!m) return NULL;
     m->n_threads = p.n_threads > 0 ? p.n_threads : 1;
@@ -188,6 +248,7 @@ fl_model *fl_model_load(const char *dir, const fl_model_params *params) {
     m->gemm = p.gemm;
     if (load_weights(m) != 0) goto fail;
     if (m->gemm == FL_GEMM_PACKED && pack_weights(m) != 0) goto fail;
+    if (choose_device(m, &p) != 0) goto fail;
     return m;
 fail:
     fl_model_free(m);
@@ -196,6 +257,7 @@ fail:
 
 void fl_model_free(fl_model *m) {
     if (!m) return;
+    if (m->cuda_weights) m->cuda->weights_free(m->cuda_weights);
     free_packed(m);
     for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
     free(m->owned);

@@ -5,6 +5,7 @@
 #include "flexllm.h"
 #include "kernels.h"
 #include "safetensors.h"
+#include "cuda/cuda_model.h" /* types only: the CUDA backend is reached through fl_cuda_backend_api */
 
 /* A linear layer's weight as stored [out, in], and packed when the model uses the
  * packed GEMM. */
@@ -37,7 +38,15 @@ struct fl_model {
     size_t n_params;
     int n_threads;
     fl_gemm gemm;
+    int non_bf16_matrices;    /* 2-D tensors the checkpoint stores in another dtype than BF16 */
+    fl_device device;         /* FL_DEVICE_CPU or FL_DEVICE_CUDA */
+    char device_why[320];     /* how the device was chosen (fl_model_device) */
+    const fl_cuda_backend_api *cuda;   /* the backend, on cuda */
+    fl_cuda_weights *cuda_weights;      /* the device's weights, on cuda */
 };
+
+/* The RoPE inverse frequencies of a config [head_dim/2], llama3 rescaling applied. */
+void fl_rope_inv_freq(const fl_config *c, float *inv_freq);
 
 /* y = x @ lin^T (+ bias) with the model's GEMM. */
 void fl_model_linear(const fl_model *m, float *y, const float *x, const fl_linear *lin,
@@ -73,16 +82,39 @@ typedef struct {
     float *lora_y;        /* [T, max out] */
     float *lora_u;        /* [T, lora_u_rank] */
     int lora_u_rank;
+    int8_t *took;         /* [T] whether the token took a new KV page (undone on failure) */
 } fl_scratch;
+
+/* An adapter held in one of the device's slots. */
+typedef struct {
+    const fl_adapter *adapter; /* NULL: the slot is empty */
+    float *shadow;             /* [n_params] its parameters as uploaded */
+    size_t n_params;
+    long long used;            /* the forward that last used it */
+} fl_dev_slot;
+
+/* A cuda context's host side: the batch split between the device (inference rows) and the
+ * CPU (finetuning rows), and the adapters in the device's slots. */
+typedef struct {
+    int32_t *token, *pos, *page_start, *slot, *logit_rows; /* [T] the device's tokens */
+    int32_t *pages;      /* [n_pages] page tables of the device's sequences, concatenated */
+    int32_t *seq_start;  /* [max_seqs] a sequence's offset in pages, -1: not in this batch */
+    int32_t *cpu_token, *cpu_seq, *cpu_pos; /* [T] the finetuning tokens */
+    fl_dev_slot slots[FL_CUDA_ADAPTER_SLOTS];
+    long long forwards;
+} fl_dev_batch;
 
 struct fl_context {
     const fl_model *model;
     fl_context_params params;
     int n_pages, n_free;
     int32_t *free_pages;  /* [n_pages] stack of free page ids */
-    float *k_pool, *v_pool; /* [n_layers, n_pages, FL_KV_PAGE_TOKENS, kv_dim] */
+    float *k_pool, *v_pool; /* [n_layers, n_pages, FL_KV_PAGE_TOKENS, kv_dim]; on cuda
+                               allocated when finetuning rows first come (they run here) */
     fl_seq *seqs;          /* [max_seqs] */
     fl_scratch s;
+    fl_cuda_model *cuda;   /* the device's KV pool and forward when the model is on cuda */
+    fl_dev_batch dev;
     int poison;            /* fill scratch with NaN after each forward (tests) */
     /* Memory finished finetuning samples gave back, for the next ones: a fresh
      * allocation of this size costs its page faults again on every sample. */

@@ -105,9 +105,27 @@ typedef enum {
     FL_GEMM_OPENBLAS = 1, /* OpenBLAS sgemm on the weights as stored */
 } fl_gemm;
 
+/* Where inference forwards run. */
+typedef enum {
+    FL_DEVICE_AUTO = 0, /* cuda when built with CUDA and a usable device is present, else cpu */
+    FL_DEVICE_CPU = 1,
+    FL_DEVICE_CUDA = 2, /* loading fails when there is no usable device */
+} fl_device;
+
+/* The device's copy of the linear weights and the embedding. */
+typedef enum {
+    FL_DEVICE_WEIGHTS_AUTO = 0, /* bf16 when the checkpoint's matrices all are bf16, else fp32 */
+    FL_DEVICE_WEIGHTS_BF16 = 1,
+    FL_DEVICE_WEIGHTS_F32 = 2,
+} fl_device_weights;
+
 typedef struct {
     int n_threads; /* CPU threads for GEMMs and kernels (default 2) */
     fl_gemm gemm;
+    fl_device device; /* default FL_DEVICE_AUTO. On cuda the weights are uploaded at load;
+                         contexts keep their KV pool on the device and run inference rows
+                         there, finetuning rows (and their sequences' KV) on the CPU. */
+    fl_device_weights device_weights;
 } fl_model_params;
 
 fl_model_params fl_model_default_params(void);
@@ -119,6 +137,10 @@ void fl_model_free(fl_model *model);
 const fl_config *fl_model_config(const fl_model *model);
 const fl_tokenizer *fl_model_tokenizer(const fl_model *model);
 size_t fl_model_n_params(const fl_model *model);
+/* The device the model's forwards run on (FL_DEVICE_CPU or FL_DEVICE_CUDA); why, when not
+ * NULL, gets how it was chosen ("cuda: NVIDIA H100 ..., asked for, bf16 weights", "cpu:
+ * auto, built without CUDA", ...), valid while the model lives. */
+fl_device fl_model_device(const fl_model *model, const char **why);
 
 typedef struct {
     int seed;

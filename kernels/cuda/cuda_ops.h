@@ -19,6 +19,12 @@ extern "C" {
 
 /* Usable CUDA devices (0 when there is no driver or device). */
 int fl_cuda_device_count(void);
+/* Whether device 0 can run this build's kernels: its count of devices (> 0) with why naming
+ * it (name, memory, compute capability), or 0 with why giving the reason it cannot (no
+ * driver, no device, no kernel image for its architecture). */
+int fl_cuda_device_probe(char *why, size_t cap);
+/* Free and total bytes of the current device. */
+int fl_cuda_mem_info(size_t *free_bytes, size_t *total_bytes);
 
 /* Device memory; what names the buffer in the error message. NULL on failure. */
 void *fl_cuda_alloc(size_t bytes, const char *what);

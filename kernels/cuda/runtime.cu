@@ -2,6 +2,8 @@
 // conversion weights go through at load.
 #include "cuda/cuda_util.h"
 
+#include <stdio.h>
+
 extern "C" int fl_cuda_device_count(void) {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) {
@@ -9,6 +11,38 @@ extern "C" int fl_cuda_device_count(void) {
         return 0;
     }
     return n;
+}
+
+__global__ void f32_to_bf16_kernel(uint16_t *dst, const float *src, size_t n);
+
+extern "C" int fl_cuda_device_probe(char *why, size_t cap) {
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e == cudaSuccess && n == 0) e = cudaErrorNoDevice;
+    cudaDeviceProp p;
+    if (e == cudaSuccess) e = cudaGetDeviceProperties(&p, 0);
+    // A kernel of this file tells whether the build holds code the device can run (the
+    // build targets CUDA_ARCH; an older GPU has no image to load).
+    cudaFuncAttributes fa;
+    if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, f32_to_bf16_kernel);
+    if (e != cudaSuccess) {
+        cudaGetLastError(); // clear a sticky "no driver" error
+        int rt = 0;
+        cudaRuntimeGetVersion(&rt);
+        if (e == cudaErrorInsufficientDriver) // also what a machine without a driver reports
+            snprintf(why, cap, "no CUDA driver, or one older than CUDA runtime %d.%d needs",
+                     rt / 1000, rt % 1000 / 10);
+        else
+            snprintf(why, cap, "%s", cudaGetErrorString(e));
+        return 0;
+    }
+    snprintf(why, cap, "%s, %.0f GiB, compute capability %d.%d", p.name,
+             p.totalGlobalMem / 1073741824.0, p.major, p.minor);
+    return n;
+}
+
+extern "C" int fl_cuda_mem_info(size_t *free_bytes, size_t *total_bytes) {
+    return fl_cuda_check(cudaMemGetInfo(free_bytes, total_bytes), "memory info");
 }
 
 extern "C" void *fl_cuda_alloc(size_t bytes, const char *what) {

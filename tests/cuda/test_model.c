@@ -52,11 +52,20 @@ static rel_diff compare(const float *got, const float *ref, size_t n) {
     return r;
 }
 
+/* The model's weights on the device and a forward state on them; fails the test on error. */
+static fl_cuda_model *device_model(const fl_model *m, fl_cuda_dtype dt, int max_tokens,
+                                   int kv_pages, fl_cuda_weights **w) {
+    if (!(*w = fl_cuda_weights_new(m, dt))) ct_check(-1, "fl_cuda_weights_new");
+    fl_cuda_model *cm = fl_cuda_model_new(*w, max_tokens, kv_pages);
+    if (!cm) ct_check(-1, "fl_cuda_model_new");
+    return cm;
+}
+
 /* Greedy from BOS one token per forward on the device, the CPU fed the same tokens. */
 static void greedy_steps(fl_model *m, fl_cuda_dtype dt, const int32_t *expect, int n_expect) {
     int vocab = fl_model_config(m)->vocab_size;
-    fl_cuda_model *cm = fl_cuda_model_new(m, dt, 8, 16);
-    if (!cm) ct_check(-1, "fl_cuda_model_new");
+    fl_cuda_weights *w;
+    fl_cuda_model *cm = device_model(m, dt, 8, 16, &w);
     fl_context *ctx = fl_context_new(m, NULL);
     int seq = fl_seq_new(ctx);
     float *gpu = malloc(sizeof(float) * vocab), *cpu = malloc(sizeof(float) * vocab);
@@ -64,7 +73,7 @@ static void greedy_steps(fl_model *m, fl_cuda_dtype dt, const int32_t *expect, i
     double worst = 0.0;
     for (int i = 0; i < n_expect; i++) {
         int32_t pos = i;
-        ct_check(fl_cuda_model_forward(cm, &tok, &pos, &start, 1, pages, 6, &row, 1, gpu),
+        ct_check(fl_cuda_model_forward(cm, &tok, &pos, &start, NULL, 1, pages, 6, &row, 1, gpu),
                  "fl_cuda_model_forward");
         fl_batch b = {.n_tokens = 1, .token = &tok, .seq = &seq, .pos = &pos};
         if (fl_forward(ctx, &b, cpu) != 1) ct_check(-1, "fl_forward");
@@ -85,6 +94,7 @@ static void greedy_steps(fl_model *m, fl_cuda_dtype dt, const int32_t *expect, i
                worst, match, n_expect);
     fl_context_free(ctx);
     fl_cuda_model_free(cm);
+    fl_cuda_weights_free(w);
     free(gpu);
     free(cpu);
 }
@@ -104,7 +114,7 @@ static rel_diff both(fl_cuda_model *cm, fl_context *ctx, const int *ctx_seq, int
         want[t] = 1;
     }
     float *gpu = malloc(sizeof(float) * n * vocab), *cpu = malloc(sizeof(float) * n * vocab);
-    ct_check(fl_cuda_model_forward(cm, tok, pos, start, n, pages, n_pages, rows, n, gpu),
+    ct_check(fl_cuda_model_forward(cm, tok, pos, start, NULL, n, pages, n_pages, rows, n, gpu),
              "fl_cuda_model_forward");
     fl_batch b = {.n_tokens = n, .token = tok, .seq = cseq, .pos = pos, .logits = want};
     if (fl_forward(ctx, &b, cpu) != n) ct_check(-1, "fl_forward");
@@ -122,8 +132,8 @@ static rel_diff both(fl_cuda_model *cm, fl_context *ctx, const int *ctx_seq, int
  * chunk of the other; page tables scattered over the pool. */
 static void mixed_batches(fl_model *m, const int32_t *expect) {
     int vocab = fl_model_config(m)->vocab_size;
-    fl_cuda_model *cm = fl_cuda_model_new(m, FL_CUDA_F32, 64, 8);
-    if (!cm) ct_check(-1, "fl_cuda_model_new");
+    fl_cuda_weights *w;
+    fl_cuda_model *cm = device_model(m, FL_CUDA_F32, 64, 8, &w);
     fl_context *ctx = fl_context_new(m, NULL);
     int ctx_seq[2] = {fl_seq_new(ctx), fl_seq_new(ctx)};
     int32_t pages[5] = {5, 2, 7, 0, 3}, seq_start[2] = {0, 3};
@@ -154,10 +164,13 @@ static void mixed_batches(fl_model *m, const int32_t *expect) {
            d1.max, d2.max);
     fl_context_free(ctx);
     fl_cuda_model_free(cm);
+    fl_cuda_weights_free(w);
 }
 
 static void test_stories(const char *dir) {
-    fl_model *m = fl_model_load(dir, NULL);
+    fl_model_params mp = fl_model_default_params();
+    mp.device = FL_DEVICE_CPU; /* fl_forward is the CPU reference */
+    fl_model *m = fl_model_load(dir, &mp);
     if (!m) ct_check(-1, "fl_model_load");
     char path[4096];
     int32_t expect[80];
@@ -193,6 +206,7 @@ static void test_random_1b(void) {
     }
     fl_model_params mp = fl_model_default_params();
     mp.gemm = FL_GEMM_OPENBLAS; /* no packed copy of 4 GB */
+    mp.device = FL_DEVICE_CPU;  /* fl_forward is the CPU reference */
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     mp.n_threads = cores > 0 ? (int)cores : 2;
     fl_model *m = fl_model_load(dir, &mp);
@@ -204,8 +218,8 @@ static void test_random_1b(void) {
         pos[i] = i;
     }
     for (int dt = 0; dt <= 1; dt++) {
-        fl_cuda_model *cm = fl_cuda_model_new(m, dt ? FL_CUDA_BF16 : FL_CUDA_F32, 32, 2);
-        if (!cm) ct_check(-1, "fl_cuda_model_new (1B)");
+        fl_cuda_weights *w;
+        fl_cuda_model *cm = device_model(m, dt ? FL_CUDA_BF16 : FL_CUDA_F32, 32, 2, &w);
         fl_context_params cp = fl_context_default_params();
         cp.kv_pages = 4;
         cp.max_seqs = 1;
@@ -228,6 +242,7 @@ static void test_random_1b(void) {
                    fl_model_n_params(m) / 1e9, pre.rms, dec.rms, pre.max, dec.max);
         fl_context_free(ctx);
         fl_cuda_model_free(cm);
+        fl_cuda_weights_free(w);
     }
     fl_model_free(m);
 }
