@@ -93,6 +93,22 @@ static int opt_bool(lua_State *L, int idx, const char *k, int def) {
     return v;
 }
 
+/* The index of an optional string field among names (NULL-terminated, the first the
+ * default); any other value raises an error listing them. */
+static int opt_choice(lua_State *L, int idx, const char *k, const char *const *names) {
+    const char *v = opt_str(L, idx, k, names[0]);
+    for (int i = 0; names[i]; i++)
+        if (strcmp(names[i], v) == 0) return i;
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (int i = 0; names[i]; i++) {
+        lua_pushfstring(L, "%s\"%s\"", i == 0 ? "" : names[i + 1] ? ", " : " or ", names[i]);
+        luaL_addvalue(&b);
+    }
+    luaL_pushresult(&b);
+    return luaL_error(L, "option '%s' must be %s, got \"%s\"", k, lua_tostring(L, -1), v);
+}
+
 static void check_opts(lua_State *L, int idx) {
     if (!lua_isnoneornil(L, idx)) luaL_checktype(L, idx, LUA_TTABLE);
 }
@@ -139,6 +155,10 @@ static int l_load_model(lua_State *L) {
             return luaL_error(L, "option 'gemm' must be \"packed\" or \"openblas\", got \"%s\"", g);
         lua_pop(L, 1);
     }
+    static const char *const devices[] = {"auto", "cpu", "cuda", NULL};
+    static const char *const dtypes[] = {"auto", "bf16", "fp32", NULL}; /* fl_device_weights */
+    p.device = (fl_device)opt_choice(L, 2, "device", devices);
+    p.device_weights = (fl_device_weights)opt_choice(L, 2, "device_weights", dtypes);
     fl_model *m = fl_model_load(dir, &p);
     if (!m) return fail(L);
     new_handle(L, MODEL_MT, m, 1, 0);
@@ -174,6 +194,15 @@ static int l_model_config(lua_State *L) {
 #undef SETI
 #undef SETN
     return 1;
+}
+
+/* model:device(): "cpu" or "cuda", and how it was chosen. */
+static int l_model_device(lua_State *L) {
+    const char *why;
+    fl_device d = fl_model_device(check(L, 1, MODEL_MT), &why);
+    lua_pushstring(L, d == FL_DEVICE_CUDA ? "cuda" : "cpu");
+    lua_pushstring(L, why);
+    return 2;
 }
 
 static int l_model_n_params(lua_State *L) {
@@ -876,6 +905,7 @@ int luaopen_flexllm_core(lua_State *L) {
     static const luaL_Reg model_m[] = {{"config", l_model_config}, {"n_params", l_model_n_params},
                                        {"tokenizer", l_model_tokenizer}, {"context", l_model_context},
                                        {"load_adapter", l_model_load_adapter},
+                                       {"device", l_model_device},
                                        {NULL, NULL}};
     static const luaL_Reg tok_m[] = {{"encode", l_tok_encode}, {"decode", l_tok_decode},
                                      {"info", l_tok_info}, {"token_text", l_tok_token_text},

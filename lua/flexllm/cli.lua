@@ -59,9 +59,14 @@ local function need(opts, key, command)
   return opts[key]
 end
 
-local function load_model(dir, threads, gemm)
-  local model, err = flexllm().load(dir, { threads = threads, gemm = gemm })
+-- device: "auto" (default), "cpu" or "cuda"; the choice and its reason go to stderr.
+local function load_model(dir, threads, gemm, device)
+  local model, err = flexllm().load(dir, { threads = threads, gemm = gemm, device = device })
   if not model then die(err) end
+  if device then
+    local _, why = model.handle:device()
+    io.stderr:write("flexllm: device ", why, "\n")
+  end
   return model
 end
 
@@ -70,14 +75,14 @@ local commands = {}
 commands.generate = {
   usage = "generate --model DIR [--prompt TEXT] [--max-tokens N] [--temperature T] [--top-k K]\n"
     .. "         [--top-p P] [--seed S] [--stop STR]... [--ignore-eos] [--no-bos] [--ids] [--threads N]\n"
-    .. "         [--gemm packed|openblas]",
+    .. "         [--gemm packed|openblas] [--device auto|cpu|cuda]",
   help = "stream a completion of TEXT to stdout (an empty prompt starts from BOS); --ids prints token ids",
   spec = { model = "string", prompt = "string", ["max-tokens"] = "number", temperature = "number",
            ["top-k"] = "number", ["top-p"] = "number", seed = "number", stop = "list",
            ["ignore-eos"] = "flag", ["no-bos"] = "flag", ids = "flag", threads = "number",
-           gemm = "string" },
+           gemm = "string", device = "string" },
   run = function(o)
-    local model = load_model(need(o, "model", "generate"), o.threads, o.gemm)
+    local model = load_model(need(o, "model", "generate"), o.threads, o.gemm, o.device or "auto")
     local first = true
     local res, err = model:generate(o.prompt or "", {
       max_tokens = o.max_tokens or 128, temperature = o.temperature or 0, top_k = o.top_k,
