@@ -43,8 +43,10 @@ HTTP_CFLAGS := -std=c11 $(WARN) -fPIC -g -D_GNU_SOURCE -I$(LUA_INCDIR)
 SCHED_ABI := build/lua/flexllm/sched_abi.lua
 CULIB  := build/libflexllm_cuda.a
 
+CUBENCH := build/bench/bench_cuda
+
 ifeq ($(CUDA),1)
-CUDA_TARGETS := $(CULIB) $(CUTESTS)
+CUDA_TARGETS := $(CULIB) $(CUTESTS) $(CUBENCH)
 # The engine reaches the CUDA library only through fl_cuda_backend, a weak reference in
 # engine/model.c that pulls nothing out of an archive: programs that want the CUDA backend
 # link the library whole, before libflexllm.a (whose symbols it uses).
@@ -63,7 +65,7 @@ $(SCHED_ABI): engine/include/fl_sched.h scripts/gen-sched-abi.lua
 	@mkdir -p $(dir $@)
 	$(LUAJIT) scripts/gen-sched-abi.lua $< $@
 tests: $(TESTS) $(ASAN_TESTS) $(MOCK_TESTS) $(CUDA_TARGETS)
-cuda: $(CULIB) $(CUTESTS)
+cuda: $(CULIB) $(CUTESTS) $(CUBENCH)
 
 build/obj/%.o: %.c $(wildcard engine/*.h engine/include/*.h kernels/*.h kernels/cpu/*.h)
 	@mkdir -p $(dir $@)
@@ -133,6 +135,11 @@ build/tests/test_cuda_mock: tests/cuda/mock_backend.c tests/c/tap.h $(LIB)
 build/asan/tests/test_cuda_mock: tests/cuda/mock_backend.c tests/c/tap.h build/asan/libflexllm.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_FL) -O1 $(SAN) -Itests/c $< -o $@ build/asan/libflexllm.a $(LIBS)
+
+# GPU benchmarks (tests/bench/run_cuda runs it; it says why and exits 0 without a device).
+$(CUBENCH): tests/bench/bench_cuda.c $(CULIB) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_FL) $(OPT) -I$(CUDA_HOME)/include $< -o $@ $(CUDA_WHOLE) $(LIB) $(CUDA_LIBS) $(LIBS)
 
 deps:
 	@scripts/install-deps.sh
