@@ -450,9 +450,18 @@ static void poison_scratch(fl_context *ctx) {
 
 void fl_context_poison_scratch(fl_context *ctx, int on) { ctx->poison = on; }
 
+/* Undoes take_pages for the batch's first n tokens: the lengths as they were, the pages back
+ * on the free stack in the order they left it. */
+static void undo_pages(fl_context *ctx, const fl_batch *b, int n) {
+    for (int t = n - 1; t >= 0; t--) {
+        fl_seq *sq = &ctx->seqs[b->seq[t]];
+        sq->len--;
+        if (ctx->s.took[t]) ctx->free_pages[ctx->n_free++] = sq->pages[--sq->n_pages];
+    }
+}
+
 /* Takes the pages the batch's tokens begin, marking which token took one; all before any
  * page table is read, since taking a page may move one. */
-static void undo_pages(fl_context *ctx, const fl_batch *b, int n);
 static int take_pages(fl_context *ctx, const fl_batch *b) {
     for (int t = 0; t < b->n_tokens; t++) {
         fl_seq *sq = &ctx->seqs[b->seq[t]];
@@ -465,16 +474,6 @@ static int take_pages(fl_context *ctx, const fl_batch *b) {
         sq->len++;
     }
     return 0;
-}
-
-/* Undoes take_pages for the batch's first n tokens: the lengths as they were, the pages back
- * on the free stack in the order they left it. */
-static void undo_pages(fl_context *ctx, const fl_batch *b, int n) {
-    for (int t = n - 1; t >= 0; t--) {
-        fl_seq *sq = &ctx->seqs[b->seq[t]];
-        sq->len--;
-        if (ctx->s.took[t]) ctx->free_pages[ctx->n_free++] = sq->pages[--sq->n_pages];
-    }
 }
 
 /* Groups the batch by adapter and sizes the LoRA scratch: what can fail before anything
