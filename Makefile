@@ -33,6 +33,7 @@ TESTS    := $(TEST_SRC:tests/c/%.c=build/tests/%)
 ASAN_TESTS := $(TEST_SRC:tests/c/%.c=build/asan/tests/%)
 CU_OBJ   := $(CU_SRC:%.cu=build/cuda/%.o)
 CUTESTS  := $(CUTEST_SRC:tests/cuda/%.c=build/tests/cuda_%)
+MOCK_TESTS := build/tests/test_cuda_mock build/asan/tests/test_cuda_mock
 
 LIB    := build/libflexllm.a
 MODULE := build/lib/flexllm/core.so
@@ -125,9 +126,8 @@ build/tests/cuda_%: tests/cuda/%.c tests/c/tap.h $(wildcard tests/cuda/*.h) $(CU
 	$(CC) $(CFLAGS_FL) $(OPT) -Itests/c -I$(CUDA_HOME)/include $< -o $@ $(CUDA_WHOLE) $(LIB) \
 	  $(CUDA_LIBS) $(LIBS)
 
-# The engine's cuda path on a CPU stand-in for the backend (tests/cuda/mock_backend.c): it
-# needs no device, so it is built in every configuration, with and without ASan.
-MOCK_TESTS := build/tests/test_cuda_mock build/asan/tests/test_cuda_mock
+# The engine's cuda path on a CPU stand-in for the backend (MOCK_TESTS): it needs no device,
+# so it is built in every configuration, with and without ASan.
 build/tests/test_cuda_mock: tests/cuda/mock_backend.c tests/c/tap.h $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_FL) $(OPT) -Itests/c $< -o $@ $(LIB) $(LIBS)
