@@ -182,6 +182,14 @@ commands.demo = {
   spec = { quick = "flag", out = "string", requests = "number", rate = "number", steps = "number",
            model = "string", threads = "number", seed = "number" },
   run = function(o)
+    -- OpenMP workers that sleep between parallel regions, unless OMP_WAIT_POLICY says
+    -- otherwise (libgomp reads it as the engine loads): spinning ones stall every iteration
+    -- of co-serving as soon as other processes share the cores.
+    if not os.getenv("OMP_WAIT_POLICY") then
+      local ffi = require "ffi"
+      pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite);")
+      ffi.C.setenv("OMP_WAIT_POLICY", "passive", 0)
+    end
     flexllm()
     o.model = o.model or default_model_dir()
     require("flexllm.demo").main(o)
