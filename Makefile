@@ -161,9 +161,10 @@ INST_LUADIR ?= /usr/local/share/lua/5.1
 INST_LIBDIR ?= /usr/local/lib/lua/5.1
 INST_BINDIR ?= /usr/local/bin
 install: $(MODULE) $(HTTP_MODULE) $(SCHED_ABI)
-	mkdir -p $(INST_LUADIR)/flexllm/server $(INST_LIBDIR)/flexllm $(INST_BINDIR)
+	mkdir -p $(INST_LUADIR)/flexllm/server $(INST_LUADIR)/flexllm/policies $(INST_LIBDIR)/flexllm $(INST_BINDIR)
 	cp lua/flexllm/*.lua $(SCHED_ABI) $(INST_LUADIR)/flexllm/
 	cp lua/flexllm/server/*.lua $(INST_LUADIR)/flexllm/server/
+	cp policies/*.lua $(INST_LUADIR)/flexllm/policies/
 	cp $(MODULE) $(INST_LIBDIR)/flexllm/core.so
 	cp $(HTTP_MODULE) $(INST_LIBDIR)/flexllm/http.so
 	cp bin/flexllm $(INST_BINDIR)/flexllm

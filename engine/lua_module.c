@@ -6,6 +6,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 #include <signal.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -392,6 +393,36 @@ static int l_ctx_generator(lua_State *L) {
     if (!g) return fail(L);
     new_handle(L, GEN_MT, g, 1, 1);
     return 1;
+}
+
+/* ctx:evaluate(data, {adapter=, seq_len=}): the mean loss per label token of a dataset
+ * file (the formats of finetuning), with an adapter or the base; nothing is trained. */
+static int l_ctx_evaluate(lua_State *L) {
+    fl_context *ctx = check(L, 1, CTX_MT);
+    const char *path = luaL_checkstring(L, 2);
+    check_opts(L, 3);
+    fl_adapter *adapter = NULL;
+    if (!lua_isnoneornil(L, 3)) {
+        lua_getfield(L, 3, "adapter");
+        if (!lua_isnil(L, -1)) adapter = check(L, -1, ADAPTER_MT);
+        lua_pop(L, 1); /* the options table keeps it alive for the call */
+    }
+    fl_dataset_params dp = fl_dataset_default_params();
+    dp.max_len = opt_int(L, 3, "seq_len", dp.max_len);
+    fl_dataset *ds = fl_dataset_load(path, fl_model_tokenizer(fl_context_model(ctx)), &dp);
+    if (!ds) return fail(L);
+    int n = fl_dataset_count(ds);
+    double loss = n > 0 ? fl_evaluate(ctx, adapter, ds, 0, n) : NAN;
+    fl_dataset_free(ds);
+    if (n == 0) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "%s: no samples to evaluate", path);
+        return 2;
+    }
+    if (loss != loss) return fail(L);
+    lua_pushnumber(L, loss);
+    lua_pushinteger(L, n);
+    return 2;
 }
 
 /* ctx:logits(ids): runs ids as a fresh sequence, in chunks of max_batch_tokens, and
@@ -911,7 +942,8 @@ int luaopen_flexllm_core(lua_State *L) {
                                      {"info", l_tok_info}, {"token_text", l_tok_token_text},
                                      {NULL, NULL}};
     static const luaL_Reg ctx_m[] = {{"generator", l_ctx_generator}, {"kv_pages", l_ctx_kv_pages},
-                                     {"logits", l_ctx_logits}, {"finetune", l_ctx_finetune},
+                                     {"logits", l_ctx_logits}, {"evaluate", l_ctx_evaluate},
+                                     {"finetune", l_ctx_finetune},
                                      {"runtime", l_ctx_runtime},
                                      {NULL, NULL}};
     static const luaL_Reg gen_m[] = {{"add", l_gen_add}, {"step", l_gen_step},

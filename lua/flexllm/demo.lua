@@ -56,15 +56,6 @@ end
 
 -- ---------------------------------------------------------------- evaluation
 
-local function copy_file(from, to)
-  local f = assert(io.open(from, "rb"))
-  local data = f:read("*a")
-  f:close()
-  f = assert(io.open(to, "wb"))
-  f:write(data)
-  f:close()
-end
-
 local function write_file(path, text)
   local f = assert(io.open(path, "wb"))
   f:write(text)
@@ -73,41 +64,12 @@ end
 
 local function shell_quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
 
--- The mean loss per sample of a prompt/completion JSONL file, on the base model or with
--- the adapter a finetuning job left in adapter_dir (its last checkpoint). The engine
--- measures it: a job with learning rate 0 gathers every sample into one optimizer step
--- (whose loss is their mean) and changes nothing. With an adapter, that job resumes from
--- a copy of the checkpoint moved back to the first sample. o: rank, targets (the
--- adapter's), work (a scratch folder, removed after).
+-- The mean loss per label token of a prompt/completion JSONL file, on the base model or
+-- with o.adapter (a loaded adapter); the engine's fl_evaluate, which trains nothing.
 function M.evaluate(ctx, data, o)
-  local n = 0
-  for line in io.lines(data) do if line:find("%S") then n = n + 1 end end
-  os.execute("rm -rf " .. shell_quote(o.work) .. " && mkdir -p " .. shell_quote(o.work))
-  if o.adapter_dir then
-    local f = assert(io.open(o.adapter_dir .. "/checkpoint.json", "rb"))
-    local ck = cjson.decode(f:read("*a"))
-    f:close()
-    local from, to = o.adapter_dir .. "/" .. ck.dir, o.work .. "/start"
-    os.execute("mkdir -p " .. shell_quote(to))
-    for _, name in ipairs({ "adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors" }) do
-      copy_file(from .. "/" .. name, to .. "/" .. name)
-    end
-    write_file(to .. "/state.json", cjson.encode({ step = 0, epoch = 0, epoch_pos = 0, samples_done = 0,
-                                                    tokens = 0, loss = 0, seed = 1 }))
-    write_file(o.work .. "/checkpoint.json", cjson.encode({ dir = "start", step = 0 }))
-  end
-  local job, err = ctx:finetune({ data = data, out = o.work, resume = o.adapter_dir ~= nil, rank = o.rank,
-                                  targets = o.targets, lr = 0, dropout = 0, epochs = 1, grad_accum = n,
-                                  seq_len = o.seq_len })
-  if not job then error("evaluation: " .. err, 0) end
-  while true do
-    local running, serr = job:step(512)
-    if running == nil then error("evaluation: " .. serr, 0) end
-    if not running then break end
-  end
-  local p = job:progress()
-  os.execute("rm -rf " .. shell_quote(o.work))
-  return p.loss
+  local loss, err = ctx:evaluate(data, { adapter = o and o.adapter, seq_len = o and o.seq_len })
+  if not loss then error("evaluation: " .. err, 0) end
+  return loss
 end
 
 -- Greedy answers to prompts (text up to EOS, at most max_tokens), with an adapter or none.
@@ -204,8 +166,7 @@ function M.main(o)
   io.stdout:flush() -- before the progress lines on stderr
 
   local ctx = assert(model:context())
-  local work = out .. "/eval"
-  local loss_before = M.evaluate(ctx, held_path, { rank = rank, targets = targets, work = work })
+  local loss_before = M.evaluate(ctx, held_path)
 
   local rt = assert(ctx:runtime({ policy = policy, ttft_slo = ttft_slo, tpot_slo = tpot_slo }))
   local adapter_dir = out .. "/adapter"
@@ -272,9 +233,8 @@ function M.main(o)
   local ft_tps = st.ft_forward_tokens / max(elapsed, 1e-9)
 
   -- The adapter against the base: held-out loss, and answers to the trained prompts.
-  local loss_after = M.evaluate(ctx, held_path, { rank = rank, targets = targets, work = work,
-                                                  adapter_dir = adapter_dir })
   local saved = assert(model:load_adapter(adapter_dir))
+  local loss_after = M.evaluate(ctx, held_path, { adapter = saved })
   local prompts = {}
   for i, it in ipairs(train) do prompts[i] = it.prompt end
   local base_ans = M.answers(model, ctx, prompts, nil)

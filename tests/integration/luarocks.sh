@@ -16,4 +16,9 @@ else tap_fail "installed command: $out"; fi
 share=$(ls -d "$T"/share/lua/*/ | head -1); lib=$(ls -d "$T"/lib/lua/*/ | head -1)
 v=$(cd / && LUA_PATH="${share}?.lua;${share}?/init.lua;;" LUA_CPATH="${lib}?.so;;" luajit -e 'print(require("flexllm").version)' 2>&1)
 case "$v" in [0-9]*.[0-9]*) tap_ok "require 'flexllm' works from the installed tree (version $v)" ;; *) tap_fail "require from tree: $v" ;; esac
+tap_check "the tree holds the HTTP module" test -f "${lib}flexllm/http.so"
+p=$(cd / && LUA_PATH="${share}?.lua;${share}?/init.lua;;" LUA_CPATH="${lib}?.so;;" \
+    luajit -e 'print(require("flexllm.bench").find_policy("hybrid"))' 2>&1)
+case "$p" in "$share"*flexllm/policies/hybrid.lua) tap_ok "the installed policies are found by name ($p)" ;;
+    *) tap_fail "policy lookup from the tree: $p" ;; esac
 tap_done
