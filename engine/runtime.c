@@ -745,8 +745,8 @@ int fl_runtime_step(fl_runtime *rt, const fl_gen_event **events) {
     make_room(rt);
     if (fill_state(rt) != 0) return -1;
     make_plan(rt);
-    double features[4], context;
-    fl_sched_plan_features(&rt->st, &rt->plan, features, &context);
+    fl_cost_features features;
+    fl_sched_plan_features(&rt->st, &rt->plan, &features);
     int n = build_batch(rt, &n_rows);
     if (n < 0) return -1;
     if (n > 0) {
@@ -766,7 +766,7 @@ int fl_runtime_step(fl_runtime *rt, const fl_gen_event **events) {
         rt->events[i].text = rt->event_text + (uintptr_t)rt->events[i].text;
     double took = now_s() - t0;
     if (rt->plan.n_items || rt->plan.n_ft)
-        fl_cost_observe(&rt->fit, &rt->st.cost, features, context, took);
+        fl_cost_observe(&rt->fit, &rt->st.cost, &features, took);
     rt->st.last_iteration_s = took;
     rt->stats.iterations++;
     rt->stats.busy_seconds += took;

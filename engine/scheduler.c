@@ -134,28 +134,30 @@ int fl_sched_decide(fl_policy *policy, fl_sched_state *st, fl_sched_plan *plan, 
 }
 
 void fl_sched_plan_features(const fl_sched_state *st, const fl_sched_plan *plan,
-                            double tokens[4], double *context) {
-    memset(tokens, 0, sizeof(double) * 4);
-    *context = 0;
+                            fl_cost_features *f) {
+    memset(f, 0, sizeof *f);
     for (int i = 0; i < plan->n_items; i++) {
         const fl_sched_request *r = &st->requests[plan->items[i].request];
         if (r->state == FL_REQ_DECODE) {
-            tokens[FL_KIND_DECODE] += 1;
-            *context += r->prefilled + r->generated;
+            f->tokens[FL_KIND_DECODE] += 1;
+            f->context += r->prefilled + r->generated;
         } else {
-            tokens[FL_KIND_PREFILL] += plan->items[i].tokens;
+            f->tokens[FL_KIND_PREFILL] += plan->items[i].tokens;
         }
     }
     for (int i = 0; i < plan->n_ft; i++) {
-        tokens[FL_KIND_FT_FORWARD] += plan->ft[i].forward_tokens;
-        tokens[FL_KIND_FT_BACKWARD] += plan->ft[i].backward_tokens;
+        f->tokens[FL_KIND_FT_FORWARD] += plan->ft[i].forward_tokens;
+        f->tokens[FL_KIND_FT_BACKWARD] += plan->ft[i].backward_tokens;
+        f->backward_chunks += plan->ft[i].backward_tokens > 0;
     }
 }
 
-/* Solves (A + RIDGE*I) c = b for the 6 coefficients by Cholesky. */
-static int solve6(const double a[6][6], const double b[6], double c[6]) {
-    double l[6][6] = {{0}}, y[6];
-    for (int i = 0; i < 6; i++)
+/* Solves (A + RIDGE*I) c = b for the FL_COST_N coefficients by Cholesky. */
+static int solve(const double a[FL_COST_N][FL_COST_N], const double b[FL_COST_N],
+                 double c[FL_COST_N]) {
+    enum { N = FL_COST_N };
+    double l[N][N] = {{0}}, y[N];
+    for (int i = 0; i < N; i++)
         for (int j = 0; j <= i; j++) {
             double s = a[i][j] + (i == j ? RIDGE : 0);
             for (int k = 0; k < j; k++) s -= l[i][k] * l[j][k];
@@ -166,38 +168,41 @@ static int solve6(const double a[6][6], const double b[6], double c[6]) {
                 l[i][j] = s / l[j][j];
             }
         }
-    for (int i = 0; i < 6; i++) {
+    for (int i = 0; i < N; i++) {
         double s = b[i];
         for (int k = 0; k < i; k++) s -= l[i][k] * y[k];
         y[i] = s / l[i][i];
     }
-    for (int i = 5; i >= 0; i--) {
+    for (int i = N - 1; i >= 0; i--) {
         double s = y[i];
-        for (int k = i + 1; k < 6; k++) s -= l[k][i] * c[k];
+        for (int k = i + 1; k < N; k++) s -= l[k][i] * c[k];
         c[i] = s / l[i][i];
     }
     return 0;
 }
 
-void fl_cost_observe(fl_cost_fit *fit, fl_cost_model *model, const double tokens[4],
-                     double context, double seconds) {
-    double x[6] = {1, tokens[0], tokens[1], tokens[2], tokens[3], context};
-    for (int i = 0; i < 6; i++) {
-        for (int j = 0; j < 6; j++) fit->xtx[i][j] = FORGET * fit->xtx[i][j] + x[i] * x[j];
+void fl_cost_observe(fl_cost_fit *fit, fl_cost_model *model, const fl_cost_features *f,
+                     double seconds) {
+    const double x[FL_COST_N] = {1,          f->tokens[0], f->tokens[1],      f->tokens[2],
+                                 f->tokens[3], f->context, f->backward_chunks};
+    for (int i = 0; i < FL_COST_N; i++) {
+        for (int j = 0; j < FL_COST_N; j++)
+            fit->xtx[i][j] = FORGET * fit->xtx[i][j] + x[i] * x[j];
         fit->xty[i] = FORGET * fit->xty[i] + x[i] * seconds;
     }
     fit->n++;
-    double c[6];
-    if (solve6(fit->xtx, fit->xty, c) != 0) return;
+    double c[FL_COST_N];
+    if (solve(fit->xtx, fit->xty, c) != 0) return;
     /* A negative cost is collinearity noise, not a faster machine: clamp it. */
     model->fixed = fmax(c[0], 0);
     for (int k = 0; k < 4; k++) model->per_token[k] = fmax(c[1 + k], 0);
     model->per_context = fmax(c[5], 0);
+    model->per_backward_chunk = fmax(c[6], 0);
     model->fitted = (int32_t)(fit->n < INT32_MAX ? fit->n : INT32_MAX);
 }
 
-double fl_cost_predict(const fl_cost_model *m, const double tokens[4], double context) {
-    double t = m->fixed + m->per_context * context;
-    for (int k = 0; k < 4; k++) t += m->per_token[k] * tokens[k];
+double fl_cost_predict(const fl_cost_model *m, const fl_cost_features *f) {
+    double t = m->fixed + m->per_context * f->context + m->per_backward_chunk * f->backward_chunks;
+    for (int k = 0; k < 4; k++) t += m->per_token[k] * f->tokens[k];
     return t;
 }

@@ -24,19 +24,29 @@ struct fl_policy;
 int fl_sched_decide(struct fl_policy *policy, fl_sched_state *st, fl_sched_plan *plan,
                     int max_chunk);
 
-/* Least squares of iteration seconds on the token counts by kind and the decode
- * context, with exponential forgetting so the fit follows the machine. */
+/* The features of a plan: tokens by kind (FL_KIND_*), decode context tokens, and the
+ * jobs that run backward tokens. */
 typedef struct {
-    double xtx[6][6];
-    double xty[6];
+    double tokens[4];
+    double context;
+    double backward_chunks;
+} fl_cost_features;
+
+/* The fit's unknowns: fixed, per_token[4], per_context, per_backward_chunk. */
+enum { FL_COST_N = 7 };
+
+/* Least squares of iteration seconds on the features, with exponential forgetting so the
+ * fit follows the machine. */
+typedef struct {
+    double xtx[FL_COST_N][FL_COST_N];
+    double xty[FL_COST_N];
     long n;
 } fl_cost_fit;
 
-/* The features of a plan: tokens by kind (FL_KIND_*) and decode context tokens. */
 void fl_sched_plan_features(const fl_sched_state *st, const fl_sched_plan *plan,
-                            double tokens[4], double *context);
-void fl_cost_observe(fl_cost_fit *fit, fl_cost_model *model, const double tokens[4],
-                     double context, double seconds);
-double fl_cost_predict(const fl_cost_model *model, const double tokens[4], double context);
+                            fl_cost_features *f);
+void fl_cost_observe(fl_cost_fit *fit, fl_cost_model *model, const fl_cost_features *f,
+                     double seconds);
+double fl_cost_predict(const fl_cost_model *model, const fl_cost_features *f);
 
 #endif

@@ -71,6 +71,9 @@ int fl_sim_profile_load(const char *path, fl_sim_profile *p) {
              (!cJSON_IsObject(pt) ? fl_error("%s: field 'per_token' must be an object", path) : 0);
     static const char *kinds[4] = {"prefill", "decode", "ft_forward", "ft_backward"};
     for (int k = 0; rc == 0 && k < 4; k++) rc = get_num(path, pt, kinds[k], &p->per_token[k]);
+    /* Optional: profiles measured before the term existed fold it into per_token. */
+    if (rc == 0 && cJSON_GetObjectItemCaseSensitive(o, "per_backward_chunk"))
+        rc = get_num(path, o, "per_backward_chunk", &p->per_backward_chunk);
     cJSON_Delete(o);
     if (rc) return -1;
     p->max_batch_tokens = (int)mbt, p->kv_pages = (int)pages, p->max_seqs = (int)seqs;
@@ -93,6 +96,7 @@ fl_sim *fl_sim_new(const fl_sim_profile *profile, const char *policy, const char
     s->st.cost.fixed = profile->fixed;
     memcpy(s->st.cost.per_token, profile->per_token, sizeof profile->per_token);
     s->st.cost.per_context = profile->per_context;
+    s->st.cost.per_backward_chunk = profile->per_backward_chunk;
     s->st.cost.fitted = 1 << 30;
     if (policy) {
         fl_policy_params pp = fl_policy_default_params();
@@ -278,10 +282,12 @@ int fl_sim_run(fl_sim *s, double until) {
             now = s->reqs[next].arrival;
             continue;
         }
-        double tokens[4], context;
-        fl_sched_plan_features(&s->st, &s->plan, tokens, &context);
-        double took = s->prof.fixed + s->prof.per_context * context;
-        for (int k = 0; k < 4; k++) took += s->prof.per_token[k] * tokens[k];
+        fl_cost_features f;
+        fl_sched_plan_features(&s->st, &s->plan, &f);
+        /* From the profile, not st.cost: a policy can write the state it is shown. */
+        double took = s->prof.fixed + s->prof.per_context * f.context +
+                      s->prof.per_backward_chunk * f.backward_chunks;
+        for (int k = 0; k < 4; k++) took += s->prof.per_token[k] * f.tokens[k];
         now += took;
         apply_plan(s, now);
         s->st.last_iteration_s = took;

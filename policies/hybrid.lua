@@ -19,7 +19,8 @@
 --     after it.
 --  3. Finetuning: the time left under T, in finetuning-forward-token equivalents, split
 --     fairly across the jobs (forward tokens by phase, or backward chunks weighed by their
---     predicted cost), forward tokens within the batch's remaining token budget.
+--     predicted cost: per token, plus the model's per_backward_chunk once for each job that
+--     runs backward), forward tokens within the batch's remaining token budget.
 --     Nothing when the inference part alone reaches T.
 -- When the plan holds no inference at all (nothing decodes, nothing could be prefilled),
 -- finetuning gets the whole token budget.
@@ -91,7 +92,7 @@ local function by_time(tpot, decodes, context)
   local limit, left = margin * tpot, budget - decodes
   local normal = left
   if decodes > 0 then
-    local spare = limit - U.predict(cost, 0, decodes, 0, 0, context)
+    local spare = limit - U.predict(cost, 0, decodes, 0, 0, context, 0)
     local per = U.token_cost(cost, U.KIND_PREFILL)
     if per > 0 then normal = min(left, max(min_prefill, floor(spare / per))) end
   end
@@ -102,10 +103,13 @@ local function by_time(tpot, decodes, context)
     U.add_finetune(state, plan, budget, budget, weight)
     return
   end
-  local spare = limit - U.predict(cost, prefills, decodes, 0, 0, context)
+  local spare = limit - U.predict(cost, prefills, decodes, 0, 0, context, 0)
   local per = U.token_cost(cost, U.KIND_FT_FORWARD)
   -- Even with no forward room left in the batch, backward tokens may fit in the time.
-  if spare > 0 then U.add_finetune(state, plan, per > 0 and spare / per or left, left, weight) end
+  if spare > 0 then
+    U.add_finetune(state, plan, per > 0 and spare / per or left, left, weight,
+                   U.backward_chunk_weight(cost))
+  end
 end
 
 -- Without one: a token share reserved for finetuning, which fills the rest without SLOs.

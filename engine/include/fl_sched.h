@@ -66,13 +66,18 @@ typedef struct {
 } fl_sched_job;
 
 /* The online cost model: predicted iteration seconds = fixed + sum of per_token[k] times
- * the tokens of kind k + per_context times the context tokens decode attention reads. */
+ * the tokens of kind k + per_context times the context tokens decode attention reads +
+ * per_backward_chunk times the jobs that run backward tokens in the iteration. */
 enum { FL_KIND_PREFILL = 0, FL_KIND_DECODE = 1, FL_KIND_FT_FORWARD = 2, FL_KIND_FT_BACKWARD = 3 };
 
 typedef struct {
     double fixed;
     double per_token[4]; /* by FL_KIND_* */
     double per_context;
+    /* Seconds per job with backward tokens: a backward chunk has a fixed cost (on the CPU
+     * a 16-token chunk takes about as long as a 32-token one) which, without this term,
+     * the fit would load onto the other kinds. */
+    double per_backward_chunk;
     int32_t fitted;      /* iterations the fit has seen */
 } fl_cost_model;
 

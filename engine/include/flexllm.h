@@ -588,6 +588,7 @@ typedef struct {
     double fixed;              /* seconds per iteration */
     double per_token[4];       /* prefill, decode, finetuning forward, finetuning backward */
     double per_context;        /* seconds per context token a decode attends to */
+    double per_backward_chunk; /* seconds per job running backward tokens; optional, 0 */
     int max_batch_tokens;
     int kv_pages;              /* of FL_KV_PAGE_TOKENS tokens */
     int max_seqs;

@@ -9,7 +9,7 @@ local ffi = require "ffi"
 require "flexllm.sched_abi"
 
 local C = ffi.C
-local floor, min = math.floor, math.min
+local floor, max, min = math.floor, math.max, math.min
 
 local M = {
   REQ_WAITING = C.FL_REQ_WAITING,
@@ -39,12 +39,13 @@ function M.number_option(options, name, default, lo, hi, integer)
   return v
 end
 
--- Predicted seconds of an iteration with these token counts (see fl_cost_model).
-function M.predict(cost, prefill, decode, forward, backward, context)
+-- Predicted seconds of an iteration with these token counts, decode context and number of
+-- jobs running backward tokens (chunks) (see fl_cost_model).
+function M.predict(cost, prefill, decode, forward, backward, context, chunks)
   local k = cost.per_token
   return cost.fixed + k[M.KIND_PREFILL] * prefill + k[M.KIND_DECODE] * decode
          + k[M.KIND_FT_FORWARD] * forward + k[M.KIND_FT_BACKWARD] * backward
-         + cost.per_context * context
+         + cost.per_context * context + cost.per_backward_chunk * chunks
 end
 
 -- Seconds per token of a kind. A kind the fit has not seen yet has a zero coefficient, which
@@ -61,6 +62,15 @@ function M.backward_weight(cost)
   local f, b = M.token_cost(cost, M.KIND_FT_FORWARD), M.token_cost(cost, M.KIND_FT_BACKWARD)
   if f > 0 and b > 0 then return b / f end
   return 1
+end
+
+-- What a job's backward chunk costs on top of its tokens, in finetuning-forward tokens: 0
+-- until the fit knows both.
+function M.backward_chunk_weight(cost)
+  if cost.fitted == 0 then return 0 end
+  local f = M.token_cost(cost, M.KIND_FT_FORWARD)
+  if f > 0 then return cost.per_backward_chunk / f end
+  return 0
 end
 
 -- Tokens a job could run now: forward positions left in its sample, or a backward chunk of
@@ -148,13 +158,16 @@ function M.add_prefills(state, plan, limit, accept, added, pages, seqs, admittin
 end
 
 -- Gives the jobs with work fair shares of units finetuning-forward-token equivalents: a
--- forward token costs 1 unit, a backward token bwd_weight units. Forward tokens come to at
+-- forward token costs 1 unit, a backward token bwd_weight units, and a job that runs backward
+-- tokens bwd_chunk units more (0 when nil), so a share too small to pay that runs no backward
+-- at all rather than a chunk that costs mostly its constant. Forward tokens come to at
 -- most fwd_cap in all (they share the batch with inference); a job's backward chunk is at
 -- most one batch (max_batch_tokens). Shares are equal; what a job cannot use goes to the
 -- others in order, and the order starts at a job that rotates with the iteration so that no
 -- job always comes last. Returns the forward and backward tokens added.
-function M.add_finetune(state, plan, units, fwd_cap, bwd_weight)
+function M.add_finetune(state, plan, units, fwd_cap, bwd_weight, bwd_chunk)
   local jobs, n_jobs, chunk = state.jobs, state.n_jobs, state.max_batch_tokens
+  bwd_chunk = bwd_chunk or 0
   local ft, first = plan.ft, plan.n_ft
   fwd_cap = floor(fwd_cap)
   local active = 0
@@ -180,9 +193,9 @@ function M.add_finetune(state, plan, units, fwd_cap, bwd_weight)
         e.forward_tokens = t
         fwd, left = fwd + t, left - t
       else
-        local t = min(want, floor(share / bwd_weight))
+        local t = max(min(want, floor((share - bwd_chunk) / bwd_weight)), 0)
         e.backward_tokens = t
-        bwd, left = bwd + t, left - t * bwd_weight
+        if t > 0 then bwd, left = bwd + t, left - t * bwd_weight - bwd_chunk end
       end
       n = n + 1
     end
@@ -199,10 +212,11 @@ function M.add_finetune(state, plan, units, fwd_cap, bwd_weight)
         fwd, left = fwd + t, left - t
       end
     else
-      local t = min(want - e.backward_tokens, floor(left / bwd_weight))
+      local extra = e.backward_tokens > 0 and 0 or bwd_chunk
+      local t = min(want - e.backward_tokens, floor((left - extra) / bwd_weight))
       if t > 0 then
         e.backward_tokens = e.backward_tokens + t
-        bwd, left = bwd + t, left - t * bwd_weight
+        bwd, left = bwd + t, left - t * bwd_weight - extra
       end
     end
   end

@@ -87,34 +87,52 @@ static void test_fcfs(void) {
 }
 
 static void test_cost_model(void) {
-    const double truth[6] = {1.5e-3, 2e-5, 1.2e-4, 3e-5, 6e-5, 2e-7}; /* fixed, 4 kinds, context */
+    /* fixed, 4 kinds, context, per backward chunk: the chunk constant is the CPU's order of
+     * magnitude (a 16-token backward chunk ~15 ms, 256 tokens ~100 ms). */
+    const double truth[FL_COST_N] = {1.5e-3, 2e-5, 1.2e-4, 3e-5, 6e-5, 2e-7, 1.2e-2};
     fl_cost_fit fit = {0};
     fl_cost_model model = {0};
     uint64_t s = 12345;
     for (int i = 0; i < 600; i++) {
-        double tok[4], ctx;
+        fl_cost_features f;
         for (int k = 0; k < 4; k++) {
             s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-            tok[k] = (double)((s >> 33) % 200);
+            f.tokens[k] = (double)((s >> 33) % 200);
         }
-        ctx = tok[1] * (double)((s >> 20) % 900);
-        double t = truth[0] + truth[5] * ctx;
-        for (int k = 0; k < 4; k++) t += truth[1 + k] * tok[k];
+        f.context = f.tokens[1] * (double)((s >> 20) % 900);
+        /* Backward tokens come in 0 to 3 chunks, like jobs sharing an iteration. */
+        f.backward_chunks = f.tokens[3] > 0 ? (double)(1 + (s >> 45) % 3) : 0;
+        double t = truth[0] + truth[5] * f.context + truth[6] * f.backward_chunks;
+        for (int k = 0; k < 4; k++) t += truth[1 + k] * f.tokens[k];
         double noise = 1.0 + 0.01 * (((double)((s >> 11) % 2001) / 1000.0) - 1.0);
-        fl_cost_observe(&fit, &model, tok, ctx, t * noise);
+        fl_cost_observe(&fit, &model, &f, t * noise);
     }
-    double got[6] = {model.fixed, model.per_token[0], model.per_token[1], model.per_token[2],
-                     model.per_token[3], model.per_context};
+    double got[FL_COST_N] = {model.fixed,        model.per_token[0], model.per_token[1],
+                             model.per_token[2], model.per_token[3], model.per_context,
+                             model.per_backward_chunk};
     double worst = 0;
-    for (int i = 0; i < 6; i++) worst = fmax(worst, fabs(got[i] - truth[i]) / truth[i]);
+    for (int i = 0; i < FL_COST_N; i++) worst = fmax(worst, fabs(got[i] - truth[i]) / truth[i]);
     tap_ok(worst < 0.1 && model.fitted == 600,
-           "the cost model recovers fixed, per-token (4 kinds) and per-context costs from 600 "
-           "noisy iterations (worst relative error %.3f)", worst);
-    double tok[4] = {100, 10, 50, 0};
-    double want = truth[0] + truth[1] * 100 + truth[2] * 10 + truth[3] * 50 + truth[5] * 5000;
-    double pred = fl_cost_predict(&model, tok, 5000);
+           "the cost model recovers fixed, per-token (4 kinds), per-context and per-backward-chunk "
+           "costs from 600 noisy iterations (worst relative error %.3f)", worst);
+    fl_cost_features f = {{100, 10, 50, 16}, 5000, 2};
+    double want = truth[0] + truth[1] * 100 + truth[2] * 10 + truth[3] * 50 + truth[4] * 16 +
+                  truth[5] * 5000 + truth[6] * 2;
+    double pred = fl_cost_predict(&model, &f);
     tap_ok(fabs(pred - want) / want < 0.02, "it predicts an unseen plan's time within 2%% (%.3g s "
                                             "vs %.3g s)", pred, want);
+
+    /* The plan's features count each job with backward tokens once. */
+    reset();
+    jobs[0].phase = FL_JOB_BACKWARD, jobs[0].forwarded = 64, jobs[0].backward_left = 20;
+    add_item(0, 1);
+    add_ft(0, 0, 16);
+    add_ft(1, 0, 30);
+    fl_sched_plan_features(&st, &plan, &f);
+    tap_ok(f.backward_chunks == 2 && f.tokens[FL_KIND_FT_BACKWARD] == 46 &&
+               f.tokens[FL_KIND_DECODE] == 1 && f.context == 45,
+           "a plan's features count each job running backward once (%.0f chunks, %.0f tokens)",
+           f.backward_chunks, f.tokens[FL_KIND_FT_BACKWARD]);
 }
 
 int main(void) {

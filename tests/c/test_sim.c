@@ -77,5 +77,15 @@ int main(void) {
                strstr(fl_last_error(), "bad_profile.json"),
            "a profile with missing fields is refused with the file and field named (\"%s\")",
            fl_last_error());
+    f = fopen("build/tmp/bad_profile.json", "wb");
+    fputs("{\"fixed\": 0.001, \"per_context\": 0, \"max_batch_tokens\": 8, \"kv_pages\": 8, "
+          "\"max_seqs\": 1, \"per_token\": {\"prefill\": 0, \"decode\": 0, \"ft_forward\": 0, "
+          "\"ft_backward\": 0}, \"per_backward_chunk\": \"slow\"}", f);
+    fclose(f);
+    tap_ok(p.per_backward_chunk == 0 &&
+               fl_sim_profile_load("build/tmp/bad_profile.json", &bad) == -1 &&
+               strstr(fl_last_error(), "'per_backward_chunk'"),
+           "per_backward_chunk is optional (0 in the analytic profile) and a malformed one is "
+           "refused by name (\"%s\")", fl_last_error());
     return tap_done();
 }

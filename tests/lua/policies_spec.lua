@@ -42,6 +42,7 @@ local function build(w)
   s.cost.per_token[U.KIND_PREFILL], s.cost.per_token[U.KIND_DECODE] = c.prefill or 0, c.decode or 0
   s.cost.per_token[U.KIND_FT_FORWARD] = c.forward or 0
   s.cost.per_token[U.KIND_FT_BACKWARD] = c.backward or 0
+  s.cost.per_backward_chunk = c.chunk or 0
   for i, r in ipairs(w.requests or {}) do
     local q = reqs[i - 1]
     q.id, q.state, q.adapter = i, r.state, -1
@@ -84,10 +85,11 @@ local function step(P, w)
   end
 end
 
--- Token counts of the plan: prefill, decode, ft forward, ft backward, decode context.
+-- Token counts of the plan: prefill, decode, ft forward, ft backward, decode context, and the
+-- jobs running backward tokens.
 local function counts(w)
   local s, p = w.state, w.plan
-  local pre, dec, fwd, bwd, ctx = 0, 0, 0, 0, 0
+  local pre, dec, fwd, bwd, ctx, chunks = 0, 0, 0, 0, 0, 0
   for k = 0, p.n_items - 1 do
     local r = s.requests[p.items[k].request]
     if r.state == DECODE then
@@ -98,13 +100,19 @@ local function counts(w)
   end
   for k = 0, p.n_ft - 1 do
     fwd, bwd = fwd + p.ft[k].forward_tokens, bwd + p.ft[k].backward_tokens
+    if p.ft[k].backward_tokens > 0 then chunks = chunks + 1 end
   end
-  return pre, dec, fwd, bwd, ctx
+  return pre, dec, fwd, bwd, ctx, chunks
 end
 
-local function predicted(w)
-  local pre, dec, fwd, bwd, ctx = counts(w)
-  return U.predict(w.state.cost, pre, dec, fwd, bwd, ctx)
+-- The plan's predicted seconds under cost (the state's when nil).
+local function predicted(w, cost)
+  local pre, dec, fwd, bwd, ctx, chunks = counts(w)
+  if cost then
+    return cost.fixed + cost.prefill * pre + cost.decode * dec + cost.forward * fwd
+           + cost.backward * bwd + cost.context * ctx + cost.chunk * chunks
+  end
+  return U.predict(w.state.cost, pre, dec, fwd, bwd, ctx, chunks)
 end
 
 local function decoding(n, extra)
@@ -354,6 +362,44 @@ describe("hybrid", function()
     local first = w.plan.items[150]
     assert.are.same({ 151, 362 }, { first.request, first.tokens })
     assert.are.equal(151, w.plan.n_items)
+  end)
+
+  it("plans larger backward chunks when the model has a per-chunk constant", function()
+    -- A CPU-like machine whose backward chunk has a large fixed cost (the truth), and the
+    -- same machine as a fit without the chunk term sees it at 16-token chunks: the constant
+    -- spread over the backward tokens.
+    local truth = { fixed = 0.002, prefill = 3e-4, decode = 1e-4, forward = 3e-4,
+                    backward = 3.5e-4, context = 0, chunk = 0.012, fitted = 500 }
+    local folded = {}
+    for k, v in pairs(truth) do folded[k] = v end
+    folded.backward, folded.chunk = truth.backward + truth.chunk / 16, 0
+    local function plan_with(cost)
+      local w = build({ budget = 256, cost = cost, tpot = 0.1, requests = decoding(10),
+                        jobs = { { phase = BACKWARD, sample_len = 600, forwarded = 600,
+                                   backward_left = 600 } } })
+      step(load("hybrid", w), w)
+      local _, _, _, bwd, _, chunks = counts(w)
+      return bwd, chunks, predicted(w, truth)
+    end
+    local with_chunk, chunks, t_chunk = plan_with(truth)
+    local without, _, t_folded = plan_with(folded)
+    assert.are.equal(1, chunks)
+    assert.is_true(with_chunk > 2 * without, ("chunk %d vs %d"):format(with_chunk, without))
+    -- Its plan fills the budget on the true machine, within one backward token; the folded
+    -- model's leaves much of it idle.
+    assert.is_true(t_chunk <= 0.09 + 1e-9 and t_chunk > 0.09 - truth.backward,
+                   "predicted " .. t_chunk)
+    assert.is_true(t_folded < 0.6 * 0.09, "predicted " .. t_folded)
+  end)
+
+  it("runs no backward chunk whose constant the time left cannot pay", function()
+    local cost = { fixed = 0.002, prefill = 3e-4, decode = 1e-4, forward = 3e-4,
+                   backward = 3.5e-4, context = 0, chunk = 0.05, fitted = 500 }
+    local w = build({ budget = 256, cost = cost, tpot = 0.05, requests = decoding(10),
+                      jobs = { { phase = BACKWARD, sample_len = 600, forwarded = 600,
+                                 backward_left = 600 } } })
+    step(load("hybrid", w), w)
+    assert.are.equal(0, w.plan.n_ft)
   end)
 
   it("gives finetuning the whole budget when nothing decodes and nothing waits", function()
