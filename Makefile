@@ -105,11 +105,11 @@ $(HTTP_MODULE): $(HTTP_OBJ)
 	@mkdir -p $(dir $@)
 	$(CC) -shared -o $@ $^ -lev -lhttp_parser
 
-build/tests/%: tests/c/%.c tests/c/tap.h $(LIB)
+build/tests/%: tests/c/%.c tests/c/tap.h tests/c/expected_ids.h $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_FL) $(OPT) -Itests/c $< -o $@ $(LIB) $(LIBS)
 
-build/asan/tests/%: tests/c/%.c tests/c/tap.h build/asan/libflexllm.a
+build/asan/tests/%: tests/c/%.c tests/c/tap.h tests/c/expected_ids.h build/asan/libflexllm.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_FL) -O1 $(SAN) -Itests/c $< -o $@ build/asan/libflexllm.a $(LIBS)
 
@@ -121,7 +121,7 @@ $(CULIB): $(CU_OBJ)
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
 
-build/tests/cuda_%: tests/cuda/%.c tests/c/tap.h $(wildcard tests/cuda/*.h) $(CULIB) $(LIB)
+build/tests/cuda_%: tests/cuda/%.c tests/c/tap.h tests/c/expected_ids.h $(wildcard tests/cuda/*.h) $(CULIB) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_FL) $(OPT) -Itests/c -I$(CUDA_HOME)/include $< -o $@ $(CUDA_WHOLE) $(LIB) \
 	  $(CUDA_LIBS) $(LIBS)

@@ -1,32 +1,11 @@
 /* The forward pass and generation against independent truths: llama2.c's greedy ids
  * for stories260K, and batch/chunk invariance of logits. */
 #include "flexllm.h"
+#include "expected_ids.h"
 #include "tap.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>
-
-static int read_expected(const char *path, int32_t *ids, int cap) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return -1;
-    char buf[8192];
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
-    cJSON *arr = cJSON_Parse(buf);
-    int count = 0;
-    cJSON *it;
-    cJSON_ArrayForEach(it, arr) if (count < cap) ids[count++] = (int32_t)it->valueint;
-    cJSON_Delete(arr);
-    return count;
-}
-
-static int argmax(const float *x, int n) {
-    int b = 0;
-    for (int i = 1; i < n; i++)
-        if (x[i] > x[b]) b = i;
-    return b;
-}
 
 /* Greedy from BOS one token per forward, as llama2.c's run.c does. */
 static void test_greedy_forward(fl_model *m, const int32_t *expect, int n_expect) {

@@ -6,6 +6,7 @@
  * gradients). Without a device: how the device is chosen and refused, then a skip. */
 #include "cuda/cuda_model.h"
 #include "cuda_test.h"
+#include "expected_ids.h"
 #include "lora.h"
 
 #include <cjson/cJSON.h>
@@ -42,27 +43,6 @@ static void test_bad_params(const char *dir) {
     m = fl_model_load(dir, &p);
     tap_ok(!m && strstr(fl_last_error(), "device_weights 9"),
            "an unknown device_weights is refused: %s", fl_last_error());
-}
-
-static int read_expected(const char *path, int32_t *ids, int cap) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return -1;
-    char buf[8192];
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
-    cJSON *arr = cJSON_Parse(buf), *it;
-    int count = 0;
-    cJSON_ArrayForEach(it, arr) if (count < cap) ids[count++] = (int32_t)it->valueint;
-    cJSON_Delete(arr);
-    return count;
-}
-
-static int argmax(const float *x, int n) {
-    int b = 0;
-    for (int i = 1; i < n; i++)
-        if (x[i] > x[b]) b = i;
-    return b;
 }
 
 /* stories260K on the device: 80 greedy ids from BOS, through fl_forward one token at a time

@@ -6,31 +6,11 @@
  * models). */
 #include "cuda/cuda_model.h"
 #include "cuda_test.h"
+#include "expected_ids.h"
 
 #include <cjson/cJSON.h>
 #include <string.h>
 #include <unistd.h>
-
-static int read_expected(const char *path, int32_t *ids, int cap) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return -1;
-    char buf[8192];
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
-    cJSON *arr = cJSON_Parse(buf), *it;
-    int count = 0;
-    cJSON_ArrayForEach(it, arr) if (count < cap) ids[count++] = (int32_t)it->valueint;
-    cJSON_Delete(arr);
-    return count;
-}
-
-static int argmax(const float *x, int n) {
-    int b = 0;
-    for (int i = 1; i < n; i++)
-        if (x[i] > x[b]) b = i;
-    return b;
-}
 
 /* Differences between logit rows relative to the reference's largest logit: the largest,
  * and the root mean square. */
