@@ -11,31 +11,39 @@
 #include <string.h>
 #include <strings.h>
 
-int fl_buf_add(fl_buf *b, const void *p, size_t n) {
-    if (n > b->cap - b->len) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap - b->len < n) {
-            if (cap > SIZE_MAX / 2) return -1;
-            cap *= 2;
-        }
-        char *d = realloc(b->data, cap);
-        if (!d) return -1;
-        b->data = d;
-        b->cap = cap;
+/* Room for n more bytes; 0, or -1 when out of memory. */
+static int reserve(fl_buf *b, size_t n) {
+    if (n <= b->cap - b->len) return 0;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap - b->len < n) {
+        if (cap > SIZE_MAX / 2) return -1;
+        cap *= 2;
     }
+    char *d = realloc(b->data, cap);
+    if (!d) return -1;
+    b->data = d;
+    b->cap = cap;
+    return 0;
+}
+
+int fl_buf_add(fl_buf *b, const void *p, size_t n) {
+    if (reserve(b, n)) return -1;
     if (n) memcpy(b->data + b->len, p, n);
     b->len += n;
     return 0;
 }
 
 int fl_buf_addf(fl_buf *b, const char *fmt, ...) {
-    char tmp[512];
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    int n = vsnprintf(NULL, 0, fmt, ap);
     va_end(ap);
-    if (n < 0) return -1;
-    return fl_buf_add(b, tmp, (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1);
+    if (n < 0 || reserve(b, (size_t)n + 1)) return -1; /* + 1: vsnprintf writes a NUL */
+    va_start(ap, fmt);
+    vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+    return 0;
 }
 
 void fl_buf_free(fl_buf *b) {

@@ -83,6 +83,19 @@ describe("flexllm.http", function()
     assert.are.equal(2, srv:stats().requests)
   end)
 
+  it("sends a long request target whole", function()
+    local path = "/" .. ("segment/"):rep(250) -- 2 KB, far longer than a status or header line
+    local seen
+    local id = req({ path = path .. "?q=" .. ("v"):rep(1000) })
+    local got = pump(srv, cl, function(e)
+      seen = e
+      srv:respond(e.conn, 200, {}, "ok")
+    end, all_done)
+    assert.are.equal(200, got[id].status)
+    assert.are.equal(path, seen.path)
+    assert.are.equal("q=" .. ("v"):rep(1000), seen.query)
+  end)
+
   it("delivers a chunked stream as several data events before done", function()
     local parts = { "data: one\n\n", "data: two\n\n", "data: three\n\n", "data: [DONE]\n\n" }
     local streams = {}
