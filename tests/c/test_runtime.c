@@ -34,21 +34,31 @@ static fl_runtime *new_runtime(fl_context *ctx, const char *policy) {
     return rt;
 }
 
-static fl_finetune *new_job(fl_context *ctx, const char *out) {
-    fl_finetune_params p = fl_finetune_default_params();
-    char data[4300];
+/* A job on data.txt that writes to dir/name: a rank-4 LoRA on every linear, 40-token
+ * samples, grad_accum of them per optimizer step, max_steps steps. */
+static fl_finetune *make_job(fl_context *ctx, const char *name, int grad_accum, int max_steps,
+                             uint64_t seed, float lr) {
+    char data[4300], out[4300];
     snprintf(data, sizeof data, "%s/data.txt", dir);
+    snprintf(out, sizeof out, "%s/%s", dir, name);
+    fl_finetune_params p = fl_finetune_default_params();
     p.data = data;
     p.out = out;
     p.lora.targets = FL_LORA_ALL_LINEARS;
     p.lora.rank = 4;
-    p.optim.lr = 2e-3f;
+    p.optim.lr = lr;
     p.dataset.max_len = 40;
-    p.max_steps = 6;
-    p.seed = 3;
+    p.grad_accum = grad_accum;
+    p.max_steps = max_steps;
+    p.seed = seed;
     fl_finetune *job = fl_finetune_new(ctx, &p);
     if (!job) tap_diag("job: %s", fl_last_error());
     return job;
+}
+
+/* The co-serving tests' job: one sample per optimizer step, 6 steps. */
+static fl_finetune *new_job(fl_context *ctx, const char *name) {
+    return make_job(ctx, name, 1, 6, 3, 2e-3f);
 }
 
 /* Submits n greedy requests (ids base..), then steps until they are all done. */
@@ -68,9 +78,7 @@ static int run_requests(fl_runtime *rt, int n, outputs *o, int reload_every, int
     int done = 0;
     for (long step = 0; done < n && step < 20000; step++) {
         if (reload_every && step % reload_every == 0 && *reloads < 20) {
-            char good[4300];
-            snprintf(good, sizeof good, "tests/policies/rt_fifo.lua");
-            if (fl_runtime_reload(rt, good) == 0) (*reloads)++;
+            if (fl_runtime_reload(rt, "tests/policies/rt_fifo.lua") == 0) (*reloads)++;
             else tap_diag("reload: %s", fl_last_error());
         }
         const fl_gen_event *ev;
@@ -110,10 +118,8 @@ static void test_coserving(void) {
     run_requests(rt, 12, &alone, 0, NULL);
     fl_runtime_free(rt);
 
-    char out[4300];
-    snprintf(out, sizeof out, "%s/job_shared", dir);
     rt = new_runtime(ctx, NULL);
-    fl_finetune *job = new_job(ctx, out);
+    fl_finetune *job = new_job(ctx, "job_shared");
     fl_runtime_add_job(rt, job);
     int rc = run_requests(rt, 12, &shared, 0, NULL);
     fl_runtime_stats st;
@@ -129,9 +135,8 @@ static void test_coserving(void) {
     fl_finetune_get_progress(job, &pw);
     fl_runtime_free(rt);
 
-    snprintf(out, sizeof out, "%s/job_alone", dir);
     rt = new_runtime(ctx, NULL);
-    job = new_job(ctx, out);
+    job = new_job(ctx, "job_alone");
     fl_runtime_add_job(rt, job);
     run_job(rt);
     fl_finetune_progress pa;
@@ -161,12 +166,13 @@ static void test_coserving(void) {
             fl_runtime_free(solo);
             continue;
         }
-        snprintf(out, sizeof out, "%s/job_solo%d", dir, k);
-        fl_finetune *sj = new_job(ctx, out);
+        char name[32];
+        snprintf(name, sizeof name, "job_solo%d", k);
+        fl_finetune *sj = new_job(ctx, name);
         fl_runtime_add_job(solo, sj);
         run_job(solo);
-        snprintf(out, sizeof out, "%s/job_policy%d", dir, k);
-        fl_finetune *pj = new_job(ctx, out);
+        snprintf(name, sizeof name, "job_policy%d", k);
+        fl_finetune *pj = new_job(ctx, name);
         fl_runtime_add_job(rt, pj);
         rc = run_requests(rt, 12, &shared_policy, 0, NULL);
         run_job(rt);
@@ -405,23 +411,9 @@ static void test_cancel(void) {
     fl_context_free(ctx);
 }
 
-/* The job of the cancel tests: 40-token samples, two per optimizer step. */
+/* The cancel tests' job: two samples per optimizer step, 4 steps. */
 static fl_finetune *cancel_job(fl_context *ctx, const char *name) {
-    char out[4300];
-    snprintf(out, sizeof out, "%s/%s", dir, name);
-    fl_finetune_params p = fl_finetune_default_params();
-    char data[4300];
-    snprintf(data, sizeof data, "%s/data.txt", dir);
-    p.data = data;
-    p.out = out;
-    p.lora.targets = FL_LORA_ALL_LINEARS;
-    p.lora.rank = 4;
-    p.optim.lr = 2e-3f;
-    p.dataset.max_len = 40;
-    p.grad_accum = 2;
-    p.max_steps = 4;
-    p.seed = 5;
-    return fl_finetune_new(ctx, &p);
+    return make_job(ctx, name, 2, 4, 5, 2e-3f);
 }
 
 /* Cancels the job once its sample in flight is in the phase wanted (forward: some
