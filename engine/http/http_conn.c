@@ -101,9 +101,27 @@ int fl_http_header_next(const fl_buf *pairs, size_t *pos, fl_http_header *h) {
     return 1;
 }
 
-/* ---- parser callbacks ---- */
+int fl_http_header_piece(fl_buf *pairs, int *last, int kind, const char *at, size_t n) {
+    /* A new name or value ends the one before. */
+    if (*last != FL_HDR_NONE && *last != kind && fl_buf_add(pairs, "", 1)) return -1;
+    size_t start = pairs->len;
+    if (fl_buf_add(pairs, at, n)) return -1;
+    if (kind == FL_HDR_FIELD)
+        for (size_t i = start; i < pairs->len; i++)
+            if (pairs->data[i] >= 'A' && pairs->data[i] <= 'Z') pairs->data[i] += 'a' - 'A';
+    *last = kind;
+    return 0;
+}
 
-enum { CB_NONE, CB_FIELD, CB_VALUE };
+int fl_http_header_end(fl_buf *pairs, int *last) {
+    int bad = 0;
+    if (*last == FL_HDR_FIELD) bad = fl_buf_add(pairs, "", 1) || fl_buf_add(pairs, "", 1);
+    if (*last == FL_HDR_VALUE) bad = fl_buf_add(pairs, "", 1);
+    *last = FL_HDR_NONE;
+    return bad ? -1 : 0;
+}
+
+/* ---- parser callbacks ---- */
 
 static int refuse(fl_http_conn *c, int status, const char *fmt, ...) {
     va_list ap;
@@ -121,7 +139,7 @@ static int on_message_begin(http_parser *p) {
     if (!c->req) return refuse(c, 500, "server out of memory");
     c->in_message = 1;
     c->head_done = c->message_done = 0;
-    c->last_cb = CB_NONE;
+    c->last_cb = FL_HDR_NONE;
     return 0;
 }
 
@@ -130,52 +148,32 @@ static int on_url(http_parser *p, const char *at, size_t n) {
     return fl_buf_add(&c->req->url, at, n) ? refuse(c, 500, "server out of memory") : 0;
 }
 
-/* Trailer fields of a chunked body count against the header limit as well. */
-static int trailer_bytes(fl_http_conn *c, size_t n) {
-    if (!c->head_done) return 0;
-    c->head_bytes += n;
-    if (c->head_bytes > c->lim.max_header_bytes)
-        return refuse(c, 431, "request trailer fields larger than the limit of %zu bytes",
-                      c->lim.max_header_bytes);
+/* A header name or value piece; trailer fields of a chunked body (after the head) count
+ * against the header limit as well. */
+static int header_piece(http_parser *p, int kind, const char *at, size_t n) {
+    fl_http_conn *c = p->data;
+    if (c->head_done) {
+        c->head_bytes += n;
+        if (c->head_bytes > c->lim.max_header_bytes)
+            return refuse(c, 431, "request trailer fields larger than the limit of %zu bytes",
+                          c->lim.max_header_bytes);
+    }
+    if (fl_http_header_piece(&c->req->headers, &c->last_cb, kind, at, n))
+        return refuse(c, 500, "server out of memory");
     return 0;
 }
 
 static int on_header_field(http_parser *p, const char *at, size_t n) {
-    fl_http_conn *c = p->data;
-    fl_buf *h = &c->req->headers;
-    if (trailer_bytes(c, n)) return -1;
-    if (c->last_cb == CB_VALUE && fl_buf_add(h, "", 1)) goto oom;
-    if (c->last_cb != CB_FIELD) c->req->nheaders++;
-    size_t start = h->len;
-    if (fl_buf_add(h, at, n)) goto oom;
-    for (size_t i = start; i < h->len; i++)
-        if (h->data[i] >= 'A' && h->data[i] <= 'Z') h->data[i] += 'a' - 'A';
-    c->last_cb = CB_FIELD;
-    return 0;
-oom:
-    return refuse(c, 500, "server out of memory");
+    return header_piece(p, FL_HDR_FIELD, at, n);
 }
 
 static int on_header_value(http_parser *p, const char *at, size_t n) {
-    fl_http_conn *c = p->data;
-    fl_buf *h = &c->req->headers;
-    if (trailer_bytes(c, n)) return -1;
-    if (c->last_cb == CB_FIELD && fl_buf_add(h, "", 1)) goto oom;
-    if (fl_buf_add(h, at, n)) goto oom;
-    c->last_cb = CB_VALUE;
-    return 0;
-oom:
-    return refuse(c, 500, "server out of memory");
+    return header_piece(p, FL_HDR_VALUE, at, n);
 }
 
 /* Ends the last header pair, whatever callback came last. */
 static int end_headers(fl_http_conn *c) {
-    fl_buf *h = &c->req->headers;
-    int bad = 0;
-    if (c->last_cb == CB_FIELD) bad = fl_buf_add(h, "", 1) || fl_buf_add(h, "", 1);
-    if (c->last_cb == CB_VALUE) bad = fl_buf_add(h, "", 1);
-    c->last_cb = CB_NONE;
-    return bad ? refuse(c, 500, "server out of memory") : 0;
+    return fl_http_header_end(&c->req->headers, &c->last_cb) ? refuse(c, 500, "server out of memory") : 0;
 }
 
 static int on_headers_complete(http_parser *p) {

@@ -28,12 +28,18 @@ typedef struct {
     int http_major, http_minor;
     int keep_alive; /* the connection may serve another request after this one */
     fl_buf url, headers, body;
-    int nheaders;
 } fl_http_request;
 
 /* The request target split into path (without query) and query (without '?'). */
 void fl_http_request_target(const fl_http_request *r, const char **path, size_t *path_len,
                             const char **query, size_t *query_len);
+/* Header pairs from http_parser's on_header_field / on_header_value callbacks, which may
+ * split a name or value into pieces: *last is the kind of the piece before (start with
+ * FL_HDR_NONE). Names are lower-cased. 0, or -1 when out of memory. */
+enum { FL_HDR_NONE, FL_HDR_FIELD, FL_HDR_VALUE };
+int fl_http_header_piece(fl_buf *pairs, int *last, int kind, const char *at, size_t n);
+/* Ends the last pair (a name without a value gets an empty one) at the end of a head. */
+int fl_http_header_end(fl_buf *pairs, int *last);
 /* Iterates "name\0value\0" pairs: fills h and returns 1, or 0 after the last.
  * Start with *pos = 0. */
 int fl_http_header_next(const fl_buf *pairs, size_t *pos, fl_http_header *h);

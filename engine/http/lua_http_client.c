@@ -23,8 +23,6 @@
 
 typedef struct client client;
 
-enum { CB_NONE, CB_FIELD, CB_VALUE };
-
 typedef struct creq {
     client *cl;
     uint64_t id;
@@ -36,7 +34,7 @@ typedef struct creq {
     fl_buf out;
     size_t out_off;
     fl_buf headers; /* "name\0value\0" pairs of the response being parsed */
-    int last_cb;
+    int last_cb;    /* FL_HDR_*: see fl_http_header_piece */
     int connected, is_head, finished;
     struct creq *prev, *next;
 } creq;
@@ -112,27 +110,17 @@ static void req_fail(creq *r, const char *fmt, ...) {
 
 static int on_header_field(http_parser *p, const char *at, size_t n) {
     creq *r = p->data;
-    if (r->last_cb == CB_VALUE && fl_buf_add(&r->headers, "", 1)) return -1;
-    size_t start = r->headers.len;
-    if (fl_buf_add(&r->headers, at, n)) return -1;
-    for (size_t i = start; i < r->headers.len; i++)
-        if (r->headers.data[i] >= 'A' && r->headers.data[i] <= 'Z') r->headers.data[i] += 'a' - 'A';
-    r->last_cb = CB_FIELD;
-    return 0;
+    return fl_http_header_piece(&r->headers, &r->last_cb, FL_HDR_FIELD, at, n);
 }
 
 static int on_header_value(http_parser *p, const char *at, size_t n) {
     creq *r = p->data;
-    if (r->last_cb == CB_FIELD && fl_buf_add(&r->headers, "", 1)) return -1;
-    if (fl_buf_add(&r->headers, at, n)) return -1;
-    r->last_cb = CB_VALUE;
-    return 0;
+    return fl_http_header_piece(&r->headers, &r->last_cb, FL_HDR_VALUE, at, n);
 }
 
 static int on_headers_complete(http_parser *p) {
     creq *r = p->data;
-    if (r->last_cb == CB_VALUE && fl_buf_add(&r->headers, "", 1)) return -1;
-    r->last_cb = CB_NONE;
+    if (fl_http_header_end(&r->headers, &r->last_cb)) return -1;
     if (p->status_code / 100 == 1) return 0; /* an interim response: the real one follows */
     cevent *e = queue_event(r->cl, CE_HEAD, r);
     if (!e) return -1;
