@@ -15,7 +15,7 @@
  * would have computed (the forward is batch-invariant): its output is the one it would
  * have had, and no event repeats. Preemption happens before the state is filled, so a
  * plan never names a request that lost its pages. A finetuning sample is promised its
- * whole length when it begins. */
+ * whole length when it begins, until it ends or its job fails or is cancelled. */
 #include "fl_internal.h"
 #include "policy.h"
 #include "scheduler.h"
@@ -370,9 +370,13 @@ static int grow_state(fl_runtime *rt) {
     return 0;
 }
 
-static void job_fail(job_slot *s, const char *why) {
+/* A job stops, failed or cancelled: its sample in flight is dropped and its pages return. */
+static void job_fail(fl_runtime *rt, job_slot *s, const char *why) {
     snprintf(s->error, sizeof s->error, "%s", why);
     s->done = 1;
+    fl_finetune_abandon(s->ft);
+    rt->reserved_pages -= s->pages;
+    s->pages = 0;
 }
 
 /* A job's entry in the state, beginning its next sample when the pool can hold it.
@@ -382,7 +386,7 @@ static int job_entry(fl_runtime *rt, job_slot *s, fl_sched_job *e) {
     if (!s->pages && fl_seqs_free(rt->ctx) == 0) return 0; /* a new sample needs a slot */
     fl_train_sample *t = fl_finetune_sample(s->ft, &rc);
     if (!t) {
-        if (rc < 0) job_fail(s, fl_last_error());
+        if (rc < 0) job_fail(rt, s, fl_last_error());
         else s->done = 1;
         return 0;
     }
@@ -560,17 +564,16 @@ static void run_jobs(fl_runtime *rt) {
         int rc;
         fl_train_sample *t = fl_finetune_sample(s->ft, &rc);
         if (f->backward_tokens && fl_train_backward(rt->ctx, t, f->backward_tokens) < 0) {
-            job_fail(s, fl_last_error());
+            job_fail(rt, s, fl_last_error());
             continue;
         }
         int ended = fl_train_forwarded(t) == fl_train_length(t) &&
                     fl_train_backward_left(t) == 0;
         rt->stats.ft_forward_tokens += f->forward_tokens;
         rt->stats.ft_backward_tokens += f->backward_tokens;
-        if (fl_finetune_advance(s->ft, f->forward_tokens) != 0) {
-            job_fail(s, fl_last_error());
-        }
-        if (ended) { /* the sample's pages went back with it */
+        if (fl_finetune_advance(s->ft, f->forward_tokens) != 0)
+            job_fail(rt, s, fl_last_error());
+        else if (ended) { /* the sample's pages went back with it */
             rt->reserved_pages -= s->pages;
             s->pages = 0;
         }
@@ -678,10 +681,7 @@ int fl_runtime_cancel_job(fl_runtime *rt, int job) {
     if (s->done)
         return fl_error("cancel: finetuning job %d has already %s", job,
                         s->error[0] ? "failed" : "finished");
-    fl_finetune_abandon(s->ft);
-    rt->reserved_pages -= s->pages;
-    s->pages = 0;
-    job_fail(s, "cancelled");
+    job_fail(rt, s, "cancelled");
     return 0;
 }
 

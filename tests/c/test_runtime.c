@@ -495,6 +495,39 @@ static void test_cancel_job(void) {
     fl_context_free(ctx);
 }
 
+/* A job whose loss turns NaN in the middle of a sample (a learning rate of 1e30 blows the
+ * adapter up at its first step) fails, and the sample's KV pages and sequence return as on
+ * a cancel: afterwards a request that needs the whole pool runs to its end. */
+static void test_failed_job(void) {
+    fl_context_params cp = fl_context_default_params();
+    cp.max_batch_tokens = 16; /* a 40-token sample's forward takes three iterations */
+    cp.kv_pages = 8;
+    fl_context *ctx = fl_context_new(model, &cp);
+    int seqs = fl_seqs_free(ctx);
+    fl_runtime *rt = new_runtime(ctx, NULL);
+    int id = fl_runtime_add_job(rt, make_job(ctx, "job_fails", 1, 20, 5, 1e30f));
+    const fl_gen_event *ev;
+    for (int i = 0; i < 2000 && fl_runtime_active(rt) > 0; i++)
+        if (fl_runtime_step(rt, &ev) < 0) break;
+    const char *err = fl_runtime_job_error(rt, id);
+    tap_ok(fl_runtime_job_done(rt, id) == 1 && strstr(err, "the loss is") &&
+               fl_kv_pages_free(ctx) == cp.kv_pages && fl_seqs_free(ctx) == seqs,
+           "a job that fails mid-sample gives its KV pages (%d of %d free) and sequence back "
+           "(\"%.60s\")", fl_kv_pages_free(ctx), cp.kv_pages, err);
+    static trace t;
+    memset(&t, 0, sizeof t);
+    int32_t prompt[4] = {5, 6, 7, 8};
+    fl_request_params rp = fl_request_default_params();
+    rp.max_tokens = cp.kv_pages * FL_KV_PAGE_TOKENS - 4;
+    rp.ignore_eos = 1;
+    int rid = fl_runtime_submit(rt, prompt, 4, &rp);
+    tap_ok(rid >= 0 && drive(rt, &t) == 0 && t.finishes[rid] == 1,
+           "then a request that needs all %d pages runs to its end (%s)", cp.kv_pages,
+           rid >= 0 ? "" : fl_last_error());
+    fl_runtime_free(rt);
+    fl_context_free(ctx);
+}
+
 static void test_request_slo(void) {
     static trace t;
     memset(&t, 0, sizeof t);
@@ -588,6 +621,7 @@ int main(void) {
     test_watch();
     test_cancel();
     test_cancel_job();
+    test_failed_job();
     test_request_slo();
     test_preemption(model, "init-model");
     const char *stories = tap_shared("models/stories260K");
