@@ -62,7 +62,7 @@ struct server {
     int fd;
     int port;
     ev_io lio;
-    ev_timer poll_timer, accept_pause;
+    ev_timer accept_pause;
     fl_http_limits lim;
     double idle_timeout, request_timeout;
     size_t max_output, max_conns;
@@ -405,6 +405,23 @@ double fl_http_opt_num(lua_State *L, int idx, const char *k, double def, double 
     return v;
 }
 
+static void wake(struct ev_loop *loop, ev_timer *w, int revents) {}
+
+void fl_http_turn(lua_State *L, struct ev_loop *loop, int idle) {
+    double timeout = luaL_optnumber(L, 2, 0);
+    if (!(timeout >= 0)) luaL_error(L, "poll: timeout must be >= 0 seconds, got %f", timeout);
+    ev_now_update(loop);
+    if (timeout > 0 && idle) {
+        ev_timer t; /* ends the wait when nothing else does */
+        ev_timer_init(&t, wake, timeout, 0);
+        ev_timer_start(loop, &t);
+        ev_run(loop, EVRUN_ONCE);
+        ev_timer_stop(loop, &t);
+    } else {
+        ev_run(loop, EVRUN_NOWAIT);
+    }
+}
+
 /* ---- Lua: server ---- */
 
 static server **check_server_ud(lua_State *L) {
@@ -433,8 +450,6 @@ static void server_free(server *s) {
     free(s->scratch);
     free(s);
 }
-
-static void poll_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents) {}
 
 /* Binds and listens; returns the fd or -1 with msg filled. */
 static int listen_on(const char *host, int port, int backlog, int *bound, char *msg, size_t n) {
@@ -538,7 +553,6 @@ static int l_listen(lua_State *L) {
     ev_io_start(loop, &s->lio);
     ev_timer_init(&s->accept_pause, accept_resume_cb, 0, 0);
     s->accept_pause.data = s;
-    ev_timer_init(&s->poll_timer, poll_timeout_cb, 0, 0);
 
     server **ud = lua_newuserdata(L, sizeof *ud);
     *ud = s;
@@ -575,17 +589,7 @@ static void push_request(lua_State *L, const event *e) {
 
 static int l_poll(lua_State *L) {
     server *s = check_server(L);
-    double timeout = luaL_optnumber(L, 2, 0);
-    if (!(timeout >= 0)) luaL_error(L, "poll: timeout must be >= 0 seconds, got %f", timeout);
-    ev_now_update(s->loop);
-    if (timeout > 0 && s->nev == 0) {
-        ev_timer_set(&s->poll_timer, timeout, 0);
-        ev_timer_start(s->loop, &s->poll_timer);
-        ev_run(s->loop, EVRUN_ONCE);
-        ev_timer_stop(s->loop, &s->poll_timer);
-    } else {
-        ev_run(s->loop, EVRUN_NOWAIT);
-    }
+    fl_http_turn(L, s->loop, s->nev == 0);
     lua_createtable(L, (int)s->nev, 0);
     for (size_t i = 0; i < s->nev; i++) {
         event *e = &s->evq[i];

@@ -50,7 +50,6 @@ typedef struct {
 
 struct client {
     struct ev_loop *loop;
-    ev_timer poll_timer;
     creq *all;
     uint64_t next_id;
     size_t active;
@@ -267,8 +266,6 @@ static client *check_client(lua_State *L) {
     return cl;
 }
 
-static void poll_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents) {}
-
 static int l_client(lua_State *L) {
     client *cl = calloc(1, sizeof *cl);
     char *scratch = malloc(READ_CHUNK);
@@ -280,7 +277,6 @@ static int l_client(lua_State *L) {
     }
     cl->loop = loop;
     cl->scratch = scratch;
-    ev_timer_init(&cl->poll_timer, poll_timeout_cb, 0, 0);
     client **ud = lua_newuserdata(L, sizeof *ud);
     *ud = cl;
     luaL_getmetatable(L, CLIENT_MT);
@@ -400,17 +396,7 @@ static int l_request(lua_State *L) {
 
 static int l_cpoll(lua_State *L) {
     client *cl = check_client(L);
-    double timeout = luaL_optnumber(L, 2, 0);
-    if (!(timeout >= 0)) luaL_error(L, "poll: timeout must be >= 0 seconds, got %f", timeout);
-    ev_now_update(cl->loop);
-    if (timeout > 0 && cl->nev == 0 && cl->active) {
-        ev_timer_set(&cl->poll_timer, timeout, 0);
-        ev_timer_start(cl->loop, &cl->poll_timer);
-        ev_run(cl->loop, EVRUN_ONCE);
-        ev_timer_stop(cl->loop, &cl->poll_timer);
-    } else {
-        ev_run(cl->loop, EVRUN_NOWAIT);
-    }
+    fl_http_turn(L, cl->loop, cl->nev == 0 && cl->active);
     static const char *kinds[] = {"head", "data", "done", "error"};
     lua_createtable(L, (int)cl->nev, 0);
     for (size_t i = 0; i < cl->nev; i++) {
