@@ -263,8 +263,9 @@ int fl_http_conn_error(fl_http_conn *c, int status, const char *fmt, ...) {
     const char *head = "{\"error\":{\"message\":\"";
     fl_buf_add(&body, head, strlen(head));
     json_escape(&body, msg);
-    const char *tail = "\",\"type\":\"invalid_request_error\",\"param\":null,\"code\":null}}";
-    int bad = fl_buf_add(&body, tail, strlen(tail));
+    /* The shape and types of lua/flexllm/server/reply.lua's errors. */
+    int bad = fl_buf_addf(&body, "\",\"type\":\"%s\",\"param\":null,\"code\":null}}",
+                          status >= 500 ? "server_error" : "invalid_request_error");
     bad |= fl_buf_addf(&c->out,
                        "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
                        "Content-Length: %zu\r\nConnection: close\r\n\r\n",

@@ -151,7 +151,8 @@ class Suite:
             return "status %d, want %d (%r)" % (r.status, status, r.body[:200])
         self.refused += 1
         e = r.json().get("error", {})
-        if e.get("type") != "invalid_request_error" or "param" not in e or "code" not in e:
+        want_type = "server_error" if status >= 500 else "invalid_request_error"  # as reply.lua types them
+        if e.get("type") != want_type or "param" not in e or "code" not in e:
             return "not an OpenAI-style error body: %r" % r.body
         if words not in e.get("message", ""):
             return "message %r does not say %r" % (e.get("message"), words)

@@ -24,7 +24,7 @@ local function expect_error(w, status, fragment, param)
   assert.are.equal(status, w.status, w.body)
   local e = assert(w:json(), "not JSON: " .. tostring(w.body)).error
   assert.is_table(e)
-  assert.is_string(e.type)
+  assert.are.equal(status >= 500 and "server_error" or "invalid_request_error", e.type)
   assert.is_truthy(e.message:find(fragment, 1, true), ("message %q lacks %q"):format(e.message, fragment))
   if param then assert.are.equal(param, e.param) end
   assert.are.equal("application/json", w.headers["content-type"])

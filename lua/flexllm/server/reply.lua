@@ -40,12 +40,6 @@ end
 
 local ErrorMT = {}
 
-local TYPES = { [400] = "invalid_request_error", [401] = "invalid_request_error",
-                [403] = "invalid_request_error", [404] = "invalid_request_error",
-                [405] = "invalid_request_error", [409] = "invalid_request_error",
-                [413] = "invalid_request_error",
-                [500] = "server_error", [503] = "server_error" }
-
 -- Raises an OpenAI-style error for the router to answer. code: a short machine-readable
 -- reason (or nil); param: the request field at fault (or nil).
 function M.fail(status, message, param, code)
@@ -54,10 +48,11 @@ end
 
 function M.is_error(e) return getmetatable(e) == ErrorMT end
 
--- The body of an error answer.
+-- The body of an error answer. (The C layer's own errors, engine/http/http_conn.c, have
+-- the same shape and types.)
 function M.error_body(status, message, param, code)
-  return M.encode({ error = { message = message, type = TYPES[status] or "invalid_request_error",
-                              param = param or M.null, code = code or M.null } })
+  local kind = status >= 500 and "server_error" or "invalid_request_error"
+  return M.encode({ error = { message = message, type = kind, param = param or M.null, code = code or M.null } })
 end
 
 local JSON_HEADERS = { ["content-type"] = "application/json" }
