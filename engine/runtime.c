@@ -44,8 +44,6 @@ typedef struct {
     long long admitted;     /* admission order: the latest admitted is preempted first */
     int preempted;
     float ttft_slo, tpot_slo; /* its own rule, else the runtime's */
-    double ttft, tpot;      /* measured once it finishes */
-    int slo_met;
     int adapter_slot;       /* its adapter's slot in the runtime, -1 for the base model */
     fl_request_params p;
     char **stop;
@@ -472,12 +470,17 @@ static int admit(fl_runtime *rt, request *r) {
     return 0;
 }
 
-/* A running request leaves the pool; it will recompute everything it had. */
-static void preempt(fl_runtime *rt, request *r) {
+/* A running request gives its sequence and the pages promised to it back. */
+static void release(fl_runtime *rt, request *r) {
     fl_seq_free(rt->ctx, r->seq);
     rt->reserved_pages -= r->reserved_pages;
     r->reserved_pages = 0;
     r->seq = -1;
+}
+
+/* A running request leaves the pool; it will recompute everything it had. */
+static void preempt(fl_runtime *rt, request *r) {
+    release(rt, r);
     r->state = REQ_QUEUED;
     r->n_fill = r->n_tokens;
     r->n_prefilled = 0;
@@ -619,12 +622,16 @@ static size_t held_back(const request *r) {
     return hold;
 }
 
-static int add_event(fl_runtime *rt, int *n_ev, request *r, int32_t tok, size_t emit_to,
-                     fl_finish fin) {
+/* An event of r carrying token tok and its text up to emit_to (not finishing it), or NULL. */
+static fl_gen_event *add_event(fl_runtime *rt, int *n_ev, request *r, int32_t tok,
+                               size_t emit_to) {
     if (*n_ev == rt->cap_events) {
         int cap = rt->cap_events ? rt->cap_events * 2 : 64;
         fl_gen_event *ne = realloc(rt->events, sizeof(fl_gen_event) * (size_t)cap);
-        if (!ne) return fl_error("out of memory recording events");
+        if (!ne) {
+            fl_error("out of memory recording events");
+            return NULL;
+        }
         rt->events = ne;
         rt->cap_events = cap;
     }
@@ -632,42 +639,39 @@ static int add_event(fl_runtime *rt, int *n_ev, request *r, int32_t tok, size_t 
     if (emit_to > r->emitted &&
         append_text(&rt->event_text, &rt->event_text_len, &rt->event_text_cap,
                     r->text + r->emitted, emit_to - r->emitted) != 0)
-        return -1;
+        return NULL;
     fl_gen_event *e = &rt->events[(*n_ev)++];
-    e->request = r->id;
-    e->token = tok;
-    e->text = (const char *)(uintptr_t)off; /* resolved to a pointer once the step is done */
-    e->text_len = (int)(rt->event_text_len - off);
-    e->finish = fin;
-    e->ttft = fin ? r->ttft : 0;
-    e->tpot = fin ? r->tpot : 0;
-    e->slo_met = fin ? r->slo_met : 0;
+    *e = (fl_gen_event){.request = r->id, .token = tok,
+                        /* resolved to a pointer once the step is done */
+                        .text = (const char *)(uintptr_t)off,
+                        .text_len = (int)(rt->event_text_len - off)};
     if (emit_to > r->emitted) r->emitted = emit_to;
-    return 0;
+    return e;
 }
 
-/* A request leaves: its pages return, and its SLO attainment is counted. */
-static void finish(fl_runtime *rt, request *r) {
-    fl_seq_free(rt->ctx, r->seq);
-    rt->reserved_pages -= r->reserved_pages;
+/* A request leaves with its last event: its pages return, and its event carries its
+ * measured TTFT and TPOT and their verdict, which the stats count. */
+static int finish(fl_runtime *rt, int *n_ev, request *r, int32_t tok, fl_finish fin) {
+    release(rt, r);
     r->state = REQ_DONE;
+    fl_gen_event *e = add_event(rt, n_ev, r, tok, r->text_len);
+    if (!e) return -1;
     int n = generated(r);
-    r->ttft = r->first_at - r->arrival;
-    r->tpot = n > 1 ? (r->last_at - r->first_at) / (n - 1) : 0;
-    r->slo_met = (r->ttft_slo <= 0 || r->ttft <= r->ttft_slo) &&
-                 (r->tpot_slo <= 0 || r->tpot <= r->tpot_slo);
+    e->finish = fin;
+    e->ttft = r->first_at - r->arrival;
+    e->tpot = n > 1 ? (r->last_at - r->first_at) / (n - 1) : 0;
+    e->slo_met = (r->ttft_slo <= 0 || e->ttft <= r->ttft_slo) &&
+                 (r->tpot_slo <= 0 || e->tpot <= r->tpot_slo);
     rt->stats.requests_done++;
-    rt->stats.requests_slo_met += r->slo_met;
+    rt->stats.requests_slo_met += e->slo_met;
+    return 0;
 }
 
 int fl_runtime_cancel(fl_runtime *rt, int id) {
     for (int i = 0; i < rt->n_reqs; i++) {
         request *r = &rt->reqs[i];
         if (r->id != id || r->state == REQ_DONE) continue;
-        if (r->state == REQ_RUNNING) {
-            fl_seq_free(rt->ctx, r->seq);
-            rt->reserved_pages -= r->reserved_pages;
-        }
+        if (r->state == REQ_RUNNING) release(rt, r);
         r->state = REQ_DONE; /* released by the next step, like a finished request */
         rt->stats.requests_cancelled++;
         return 0;
@@ -696,8 +700,7 @@ static int accept_token(fl_runtime *rt, int *n_ev, request *r, int32_t tok, doub
         int n = fl_detok_flush(tk, &r->detok, tail, sizeof tail);
         if (n > 0 && append_text(&r->text, &r->text_len, &r->text_cap, tail, (size_t)n) != 0)
             return -1;
-        finish(rt, r);
-        return add_event(rt, n_ev, r, tok, r->text_len, FL_FINISH_EOS);
+        return finish(rt, n_ev, r, tok, FL_FINISH_EOS);
     }
     char piece[256];
     int n = fl_detok_piece(tk, &r->detok, tok, piece, sizeof piece);
@@ -715,15 +718,11 @@ static int accept_token(fl_runtime *rt, int *n_ev, request *r, int32_t tok, doub
         long hit = find_stop(r, from);
         if (hit >= 0) {
             r->text_len = (size_t)hit;
-            finish(rt, r);
-            return add_event(rt, n_ev, r, tok, r->text_len, FL_FINISH_STOP);
+            return finish(rt, n_ev, r, tok, FL_FINISH_STOP);
         }
     }
-    if (at_limit) {
-        finish(rt, r);
-        return add_event(rt, n_ev, r, tok, r->text_len, FL_FINISH_LENGTH);
-    }
-    return add_event(rt, n_ev, r, tok, r->text_len - held_back(r), FL_FINISH_NONE);
+    if (at_limit) return finish(rt, n_ev, r, tok, FL_FINISH_LENGTH);
+    return add_event(rt, n_ev, r, tok, r->text_len - held_back(r)) ? 0 : -1;
 }
 
 /* Drops finished requests; their last events were returned by the previous step. */
