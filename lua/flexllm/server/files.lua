@@ -71,14 +71,12 @@ end
 local ROLES = { system = true, user = true, assistant = true }
 
 local function check_messages(msgs)
-  if type(msgs) ~= "table" or (next(msgs) ~= nil and msgs[1] == nil) then
-    return "'messages' must be an array"
-  end
+  if not R.is_array(msgs) then return "'messages' must be an array" end
   if #msgs == 0 then return "'messages' is empty" end
   local learn = false
   for i, m in ipairs(msgs) do
     local where = ("messages[%d]"):format(i - 1)
-    if type(m) ~= "table" or m[1] ~= nil then return where .. " must be an object" end
+    if not R.is_object(m) then return where .. " must be an object" end
     if type(m.role) ~= "string" then return where .. ".role must be a string" end
     if not ROLES[m.role] then
       return ("%s.role '%s' is not one of system, user, assistant"):format(where, m.role)
@@ -92,9 +90,7 @@ end
 
 -- What is wrong with one decoded JSONL line, or nil.
 local function check_example(v)
-  if type(v) ~= "table" or (next(v) ~= nil and v[1] ~= nil) then
-    return "expected a JSON object, got " .. R.json_type(v)
-  end
+  if not R.is_object(v) then return "expected a JSON object, got " .. R.json_type(v) end
   local shapes = (v.text ~= nil and 1 or 0) + ((v.prompt ~= nil or v.completion ~= nil) and 1 or 0)
     + (v.messages ~= nil and 1 or 0)
   if shapes == 0 then return "expected \"messages\", \"prompt\" and \"completion\", or \"text\"" end

@@ -56,7 +56,7 @@ local function sampling(body)
   local stop = body.stop
   if stop == R.null then stop = nil end
   if type(stop) == "table" then
-    if next(stop) ~= nil and stop[1] == nil then R.fail(400, "'stop' must be a string or an array of strings", "stop", "invalid_type") end
+    if not R.is_array(stop) then R.fail(400, "'stop' must be a string or an array of strings", "stop", "invalid_type") end
     if #stop > 16 then R.fail(400, ("'stop' holds %d strings, at most 16"):format(#stop), "stop", "invalid_value") end
     for i, s in ipairs(stop) do
       if type(s) ~= "string" then
@@ -155,7 +155,7 @@ local function chat_messages(body)
   local out = {}
   for i, m in ipairs(list) do
     local where = ("messages[%d]"):format(i - 1)
-    if type(m) ~= "table" or m[1] ~= nil then
+    if not R.is_object(m) then
       R.fail(400, ("'%s' must be an object, got %s"):format(where, R.json_type(m)), "messages", "invalid_type")
     end
     local role = R.string(m, "role", nil, where .. ".role")

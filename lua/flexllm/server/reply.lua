@@ -67,15 +67,19 @@ function M.send_error(w, status, message, param, code, headers)
   w:respond(status, h, M.error_body(status, message, param, code))
 end
 
+local function is_int(v) return type(v) == "number" and v == math.floor(v) and v > -2^53 and v < 2^53 end
+-- cjson decodes {} and [] alike, as an empty table: either passes for both.
+local function is_object(v) return type(v) == "table" and (next(v) == nil or v[1] == nil) end
+local function is_array(v) return type(v) == "table" and (next(v) == nil or v[1] ~= nil) end
+M.is_int, M.is_object, M.is_array = is_int, is_object, is_array
+
 -- The request body as a JSON object, or a 400 naming what is wrong.
 -- (Any Content-Type: curl -d sends form-urlencoded by default, and the body says enough.)
 function M.json_body(req)
   if req.body == nil or req.body == "" then M.fail(400, "the request body is empty; expected a JSON object") end
   local v, err = json.decode(req.body)
   if v == nil then M.fail(400, "the body is not valid JSON: " .. tostring(err), nil, "invalid_json") end
-  if type(v) ~= "table" or (next(v) ~= nil and v[1] ~= nil) then
-    M.fail(400, "the body must be a JSON object, got " .. M.json_type(v))
-  end
+  if not is_object(v) then M.fail(400, "the body must be a JSON object, got " .. M.json_type(v)) end
   return v
 end
 
@@ -94,61 +98,26 @@ function M.json_type(v)
   return "a string"
 end
 
-local function is_int(v) return type(v) == "number" and v == math.floor(v) and v > -2^53 and v < 2^53 end
-
 -- Field checks: each returns the value (nil when absent or null; def if given) or raises a
 -- 400 naming the field. name is the field's path for messages ("messages[2].role").
-local function get(t, key)
-  local v = t[key]
-  if v == json.null then return nil end
-  return v
+local function check(what, ok)
+  return function(t, key, def, name)
+    local v = t[key]
+    if v == nil or v == json.null then return def end
+    if not ok(v) then
+      M.fail(400, ("'%s' must be %s, got %s"):format(name or key, what, M.json_type(v)), name or key, "invalid_type")
+    end
+    return v
+  end
 end
 
-local function wrong(name, what, v)
-  M.fail(400, ("'%s' must be %s, got %s"):format(name, what, M.json_type(v)), name, "invalid_type")
-end
-
-function M.string(t, key, def, name)
-  local v = get(t, key)
-  if v == nil then return def end
-  if type(v) ~= "string" then wrong(name or key, "a string", v) end
-  return v
-end
-
-function M.number(t, key, def, name)
-  local v = get(t, key)
-  if v == nil then return def end
-  if type(v) ~= "number" then wrong(name or key, "a number", v) end
-  return v
-end
-
-function M.integer(t, key, def, name)
-  local v = get(t, key)
-  if v == nil then return def end
-  if not is_int(v) then wrong(name or key, "an integer", v) end
-  return v
-end
-
-function M.boolean(t, key, def, name)
-  local v = get(t, key)
-  if v == nil then return def end
-  if type(v) ~= "boolean" then wrong(name or key, "a boolean", v) end
-  return v
-end
-
-function M.object(t, key, name)
-  local v = get(t, key)
-  if v == nil then return nil end
-  if type(v) ~= "table" or (next(v) ~= nil and v[1] ~= nil) then wrong(name or key, "an object", v) end
-  return v
-end
-
-function M.list(t, key, name)
-  local v = get(t, key)
-  if v == nil then return nil end
-  if type(v) ~= "table" or (next(v) ~= nil and v[1] == nil) then wrong(name or key, "an array", v) end
-  return v
-end
+M.string = check("a string", function(v) return type(v) == "string" end)
+M.number = check("a number", function(v) return type(v) == "number" end)
+M.integer = check("an integer", is_int)
+M.boolean = check("a boolean", function(v) return type(v) == "boolean" end)
+local object, list = check("an object", is_object), check("an array", is_array)
+function M.object(t, key, name) return object(t, key, nil, name) end
+function M.list(t, key, name) return list(t, key, nil, name) end
 
 -- A number in [lo, hi] (either bound may be nil).
 function M.range(name, v, lo, hi)
@@ -160,7 +129,5 @@ function M.range(name, v, lo, hi)
   end
   return v
 end
-
-function M.is_int(v) return is_int(v) end
 
 return M
