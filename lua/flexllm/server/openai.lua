@@ -187,37 +187,39 @@ local function chat_messages(body)
   return out
 end
 
--- POST /v1/completions
-function M.completions(S, req, w)
+-- What both endpoints check first: the body, the model, unsupported fields, sampling and
+-- streaming. Returns the body, the request record for S:generate (kind and prompt-specific
+-- fields still to fill) and the runtime's request options.
+local function common(S, req, w)
   local body = R.json_body(req)
-  local name = model_name(S, body)
+  local g = { model = model_name(S, body), w = w, conn = req.conn, tenant = S:tenant(req) }
   reject_unsupported(body)
   local p = sampling(body)
-  local stream, include_usage = stream_fields(body)
+  g.stream, g.include_usage = stream_fields(body)
+  return body, g, p
+end
+
+-- POST /v1/completions
+function M.completions(S, req, w)
+  local body, g, p = common(S, req, w)
+  g.kind = "text_completion"
   local echo = R.boolean(body, "echo", false)
   local ids, prompt_text = completion_prompt(S, body)
+  g.prefix = echo and prompt_text or nil
   p.max_tokens = max_tokens(S, body, #ids, 16, "prompt")
-  S:generate({ kind = "text_completion", model = name, w = w, conn = req.conn, stream = stream,
-               include_usage = include_usage, prefix = echo and prompt_text or nil,
-               tenant = S:tenant(req) }, ids, p)
+  S:generate(g, ids, p)
 end
 
 -- POST /v1/chat/completions
 function M.chat(S, req, w)
-  local body = R.json_body(req)
-  local name = model_name(S, body)
-  reject_unsupported(body)
-  local p = sampling(body)
-  local stream, include_usage = stream_fields(body)
-  local messages = chat_messages(body)
-  local text, err = S.template:render(messages, true)
+  local body, g, p = common(S, req, w)
+  g.kind, g.end_of_turn = "chat.completion", S.end_of_turn
+  local text, err = S.template:render(chat_messages(body), true)
   if not text then R.fail(400, "the chat template cannot render these messages: " .. err, "messages", "invalid_messages") end
   local ids = S.tok:encode(text, { bos = false })
   if #ids == 0 then R.fail(400, "the chat template rendered these messages as no tokens", "messages") end
   p.max_tokens = max_tokens(S, body, #ids, nil, "messages")
-  S:generate({ kind = "chat.completion", model = name, w = w, conn = req.conn, stream = stream,
-               include_usage = include_usage, end_of_turn = S.end_of_turn,
-               tenant = S:tenant(req) }, ids, p)
+  S:generate(g, ids, p)
 end
 
 -- The model objects: the base, then adapters with their parent.
@@ -243,7 +245,10 @@ function M.model(S, req, w, query, id)
     "model", "model_not_found")
 end
 
--- The JSON of one streamed chunk or the final answer, for Server:dispatch.
+-- The JSON of one streamed chunk or the final answer, for Server:dispatch. A chunk's object
+-- is chat.completion.chunk for chat, and text_completion (as the answer's) for completions.
+local function chunk_object(g) return g.kind == "chat.completion" and "chat.completion.chunk" or g.kind end
+
 function M.chunk(g, text, finish)
   local choice
   if g.kind == "chat.completion" then
@@ -254,8 +259,7 @@ function M.chunk(g, text, finish)
   else
     choice = { index = 0, text = text or "", logprobs = R.null, finish_reason = finish or R.null }
   end
-  local obj = { id = g.id, object = g.kind == "chat.completion" and "chat.completion.chunk" or "text_completion",
-                created = g.created, model = g.model, choices = { choice } }
+  local obj = { id = g.id, object = chunk_object(g), created = g.created, model = g.model, choices = { choice } }
   if g.include_usage then obj.usage = R.null end
   return obj
 end
@@ -266,8 +270,8 @@ function M.usage(g)
 end
 
 function M.usage_chunk(g)
-  return { id = g.id, object = g.kind == "chat.completion" and "chat.completion.chunk" or "text_completion",
-           created = g.created, model = g.model, choices = R.array({}), usage = M.usage(g) }
+  return { id = g.id, object = chunk_object(g), created = g.created, model = g.model, choices = R.array({}),
+           usage = M.usage(g) }
 end
 
 function M.answer(g, text, finish)
