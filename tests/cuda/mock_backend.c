@@ -3,16 +3,12 @@
  * that keeps the backend's contract with the CPU kernels: its own KV pool indexed by the
  * page ids it is given, its own copies of the adapters it is handed. So it runs on any
  * machine, and the engine's side of the device path is checked against a CPU context fed
- * the same batches, as tests/cuda/test_forward.c does with the real device. */
+ * the same batches: device_path.h's checks, which tests/cuda/test_forward.c runs on the real
+ * device, then what only a stand-in can do (count uploads, fail on demand). */
 #include "cuda/cuda_model.h"
+#include "device_path.h"
 #include "fl_internal.h"
-#include "lora.h"
 #include "model.h"
-#include "tap.h"
-
-#include <math.h>
-#include <stdlib.h>
-#include <string.h>
 
 /* ------------------------------------------------------------------ the stand-in */
 
@@ -220,99 +216,12 @@ const fl_cuda_backend_api *fl_cuda_backend(void) {
 
 /* ------------------------------------------------------------------ the tests */
 
-static uint64_t rng = 0x9E3779B97F4A7C15ULL;
-static float frand(void) {
-    rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
-    return (float)((rng >> 40) & 0xffffff) / 16777216.0f - 0.5f;
-}
-static int below(int n) { return (int)((frand() + 0.5f) * n) % n; }
-
 static fl_model *load(const char *dir, fl_device device) {
     fl_model_params p = fl_model_default_params();
     p.device = device;
     fl_model *m = fl_model_load(dir, &p);
-    if (!m) {
-        tap_ok(0, "fl_model_load: %s", fl_last_error());
-        exit(tap_done());
-    }
+    if (!m) ct_check(-1, "fl_model_load");
     return m;
-}
-
-static fl_adapter *random_adapter(const fl_model *m, int rank, unsigned targets, uint64_t seed) {
-    fl_lora_params lp = fl_lora_default_params();
-    lp.rank = rank;
-    lp.alpha = 2.0f * rank;
-    lp.targets = targets;
-    lp.seed = seed;
-    fl_adapter *a = fl_adapter_new(m, &lp);
-    for (size_t i = 0; i < a->n_params; i++) a->params[i] += 0.2f * frand(); /* B != 0 */
-    return a;
-}
-
-typedef struct {
-    fl_model *m;
-    fl_context *ctx;
-    int seq[4];
-} side;
-
-static side open_side(const char *dir, fl_device dev) {
-    side s = {.m = load(dir, dev)};
-    fl_context_params cp = fl_context_default_params();
-    cp.kv_pages = 40;
-    cp.max_seqs = 8;
-    cp.max_batch_tokens = 128;
-    s.ctx = fl_context_new(s.m, &cp);
-    for (int i = 0; i < 4; i++) s.seq[i] = fl_seq_new(s.ctx);
-    return s;
-}
-
-static void close_side(side *s) {
-    fl_context_free(s->ctx);
-    fl_model_free(s->m);
-}
-
-static double rel_max(const float *got, const float *ref, size_t n) {
-    double big = 0.0, worst = 0.0;
-    for (size_t i = 0; i < n; i++) big = fabs(ref[i]) > big ? fabs(ref[i]) : big;
-    for (size_t i = 0; i < n; i++) {
-        double d = fabs((double)got[i] - ref[i]);
-        worst = isnan(d) ? INFINITY : d > worst ? d : worst;
-    }
-    return worst / (big > 0 ? big : 1.0);
-}
-
-typedef struct {
-    int n;
-    int32_t tok[128], pos[128];
-    int seq_of[128];
-    int8_t want[128];
-    const fl_adapter *ad[128];
-} batch;
-
-static void add(batch *b, int32_t tok, int seq, int32_t pos, int want, const fl_adapter *a) {
-    b->tok[b->n] = tok, b->seq_of[b->n] = seq, b->pos[b->n] = pos, b->want[b->n] = (int8_t)want;
-    b->ad[b->n++] = a;
-}
-
-/* Runs b on the device side and, when cpu is given, on the CPU side; the device's return
- * value, and in *diff the largest relative difference of their logits. */
-static int run(side *dev, side *cpu, const batch *b, double *diff) {
-    int32_t sd[128], sc[128];
-    for (int t = 0; t < b->n; t++) sd[t] = dev->seq[b->seq_of[t]], sc[t] = cpu ? cpu->seq[b->seq_of[t]] : 0;
-    int vocab = fl_model_config(dev->m)->vocab_size;
-    float *ld = malloc(sizeof(float) * b->n * vocab), *lc = malloc(sizeof(float) * b->n * vocab);
-    fl_batch bd = {.n_tokens = b->n, .token = b->tok, .seq = sd, .pos = b->pos, .logits = b->want,
-                   .adapter = b->ad};
-    fl_batch bc = bd;
-    bc.seq = sc;
-    int rd = fl_forward(dev->ctx, &bd, ld);
-    if (cpu) {
-        int rc = fl_forward(cpu->ctx, &bc, lc);
-        *diff = rd == rc && rd >= 0 ? rel_max(ld, lc, (size_t)rd * vocab) : INFINITY;
-    }
-    free(ld);
-    free(lc);
-    return rd;
 }
 
 static void test_choice(const char *dir) {
@@ -339,150 +248,57 @@ static void test_choice(const char *dir) {
     fl_model_free(m);
 }
 
-static void test_batches(const char *dir) {
-    side dev = open_side(dir, FL_DEVICE_CUDA), cpu = open_side(dir, FL_DEVICE_CPU);
+/* A failing device forward, and a batch of more adapters than the device has slots. */
+static void test_failures(const char *dir) {
+    dp_side dev = dp_open(dir, FL_DEVICE_CUDA), cpu = dp_open(dir, FL_DEVICE_CPU);
     int vocab = fl_model_config(cpu.m)->vocab_size, len[4] = {0};
-    fl_adapter *ad[3] = {random_adapter(cpu.m, 4, (1u << FL_LORA_Q) | (1u << FL_LORA_V), 1),
-                         random_adapter(cpu.m, 8, FL_LORA_ALL_LINEARS, 2),
-                         random_adapter(cpu.m, 16, (1u << FL_LORA_O) | (1u << FL_LORA_DOWN), 3)};
-    /* prefill chunks of four sequences (three adapters and none), interleaved, then
-     * decode steps; logits of some rows only */
-    batch b = {0};
-    for (int i = 0; i < 20; i++)
-        for (int s = 0; s < 4; s++)
-            if (s != 3 || i < 7) add(&b, below(vocab), s, len[s]++, i % 3 == 0, s < 3 ? ad[s] : NULL);
-    double d1, d2, d3 = 0;
-    int n1 = run(&dev, &cpu, &b, &d1), up1 = mock.uploads;
-    for (int step = 0; step < 3; step++) {
-        batch dec = {0};
-        for (int s = 3; s >= 0; s--) add(&dec, below(vocab), s, len[s]++, 1, s < 3 ? ad[s] : NULL);
-        double d;
-        run(&dev, &cpu, &dec, &d);
-        d3 = d > d3 ? d : d3;
-    }
-    tap_ok(n1 == 24 && d1 < 1e-5 && d3 < 1e-5,
-           "prefill chunks of 4 sequences (3 adapters and none) then decode steps: the device "
-           "path's logits are the CPU's (%.1e, %.1e; %d rows)",
-           d1, d3, n1);
-    tap_ok(up1 == 3 && mock.uploads == 3,
-           "each adapter went to the device once (%d uploads after the prefill, %d after decoding)",
-           up1, mock.uploads);
-
-    /* one adapter trained in place, one freed and another made, one unchanged */
-    for (size_t i = 0; i < ad[1]->n_params; i++) ad[1]->params[i] *= -1.5f;
-    fl_adapter_free(ad[0]);
-    ad[0] = random_adapter(cpu.m, 4, (1u << FL_LORA_Q) | (1u << FL_LORA_V), 9);
-    batch dec = {0};
-    for (int s = 0; s < 4; s++) add(&dec, below(vocab), s, len[s]++, 1, s < 3 ? ad[s] : NULL);
-    run(&dev, &cpu, &dec, &d2);
-    tap_ok(d2 < 1e-5 && mock.uploads == 5,
-           "an adapter changed in place and one made anew are uploaded again (%d uploads), and "
-           "used as they are now (%.1e)",
-           mock.uploads, d2);
+    fl_adapter *ad[3] = {dp_random_adapter(cpu.m, 4, (1u << FL_LORA_Q) | (1u << FL_LORA_V), 1),
+                         dp_random_adapter(cpu.m, 8, FL_LORA_ALL_LINEARS, 2),
+                         dp_random_adapter(cpu.m, 16, (1u << FL_LORA_O) | (1u << FL_LORA_DOWN), 3)};
+    dp_batch pre = {0};
+    for (int s = 0; s < 4; s++)
+        for (int i = 0; i < 9; i++) dp_add(&pre, ct_below(vocab), s, len[s]++, i == 8, s < 3 ? ad[s] : NULL);
+    double d;
+    if (dp_run(&dev, &cpu, &pre, &d) != 4 || !(d < 1e-5)) ct_check(-1, "the prefill before");
 
     /* a failing device forward changes nothing; the same batch then runs */
     int free_before = fl_kv_pages_free(dev.ctx), len0 = fl_seq_len(dev.ctx, dev.seq[0]);
-    batch big = {0};
+    dp_batch big = {0};
     for (int s = 0; s < 4; s++)
-        for (int i = 0; i < 20; i++) add(&big, below(vocab), s, len[s] + i, i == 19, s < 3 ? ad[s] : NULL);
+        for (int i = 0; i < 20; i++) dp_add(&big, ct_below(vocab), s, len[s] + i, i == 19, s < 3 ? ad[s] : NULL);
     mock.fail_next = 1;
-    int rf = run(&dev, NULL, &big, &d2);
+    int rf = dp_run(&dev, NULL, &big, &d);
     tap_ok(rf == -1 && strstr(fl_last_error(), "injected") && fl_kv_pages_free(dev.ctx) == free_before &&
                fl_seq_len(dev.ctx, dev.seq[0]) == len0,
            "a failing device forward returns -1 (%s) with the pages (%d free) and lengths as "
            "before",
            fl_last_error(), fl_kv_pages_free(dev.ctx));
-    int rb = run(&dev, &cpu, &big, &d2);
-    tap_ok(rb == 4 && d2 < 1e-5, "the same batch then runs as on the CPU (%.1e)", d2);
+    int rb = dp_run(&dev, &cpu, &big, &d);
+    tap_ok(rb == 4 && d < 1e-5, "the same batch then runs as on the CPU (%.1e)", d);
     for (int s = 0; s < 4; s++) len[s] += 20;
 
     /* more adapters in one batch than the device has slots */
     fl_adapter *many[FL_CUDA_ADAPTER_SLOTS + 1];
-    batch wide = {0};
+    dp_batch wide = {0};
     for (int i = 0; i <= FL_CUDA_ADAPTER_SLOTS; i++) {
-        many[i] = random_adapter(cpu.m, 2, 1u << FL_LORA_Q, 100 + i);
-        add(&wide, below(vocab), i % 4, len[i % 4] + i / 4, 0, many[i]);
+        many[i] = dp_random_adapter(cpu.m, 2, 1u << FL_LORA_Q, 100 + i);
+        dp_add(&wide, ct_below(vocab), i % 4, len[i % 4] + i / 4, 0, many[i]);
     }
     free_before = fl_kv_pages_free(dev.ctx);
-    int rw = run(&dev, NULL, &wide, &d2);
+    int rw = dp_run(&dev, NULL, &wide, &d);
     tap_ok(rw == -1 && strstr(fl_last_error(), "more than 64 adapters") &&
                fl_kv_pages_free(dev.ctx) == free_before,
            "65 adapters in one batch are refused before anything changes: %s", fl_last_error());
     for (int i = 0; i <= FL_CUDA_ADAPTER_SLOTS; i++) fl_adapter_free(many[i]);
     for (int i = 0; i < 3; i++) fl_adapter_free(ad[i]);
-    close_side(&dev);
-    close_side(&cpu);
-}
-
-/* Finetuning rows beside inference rows: the device path runs them on the CPU. */
-static void test_finetuning(const char *dir) {
-    side dev = open_side(dir, FL_DEVICE_CUDA), cpu = open_side(dir, FL_DEVICE_CPU);
-    int vocab = fl_model_config(cpu.m)->vocab_size;
-    fl_adapter *ad = random_adapter(cpu.m, 8, FL_LORA_ALL_LINEARS, 5);
-    fl_adapter *ac = random_adapter(cpu.m, 8, FL_LORA_ALL_LINEARS, 5);
-    memcpy(ac->params, ad->params, sizeof(float) * ad->n_params);
-    fl_adapter *inf = random_adapter(cpu.m, 4, FL_LORA_ALL_LINEARS, 6);
-    int32_t stok[30], slab[30];
-    for (int i = 0; i < 30; i++) stok[i] = below(vocab);
-    for (int i = 0; i < 30; i++) slab[i] = i + 1 < 30 ? stok[i + 1] : -1;
-    fl_sample sample = {stok, slab, 30};
-    fl_train_sample *td = fl_train_begin(dev.ctx, ad, &sample, NULL);
-    fl_train_sample *tc = fl_train_begin(cpu.ctx, ac, &sample, NULL);
-    double worst = 0.0;
-    int done = 0, len = 0;
-    while (done < 30) { /* chunks of 7 sample positions among inference tokens */
-        int32_t tok[16], sd[16], sc[16], pos[16];
-        int8_t want[16];
-        const fl_adapter *use[16];
-        int n = 0, k = 30 - done < 7 ? 30 - done : 7;
-        for (int i = 0; i < k; i++) {
-            tok[n] = stok[done + i], sd[n] = fl_train_seq(td), sc[n] = fl_train_seq(tc);
-            pos[n] = done + i, want[n] = 0, use[n++] = NULL;
-            if (i % 2 == 0) { /* an inference token in between, with the sample's adapter */
-                tok[n] = below(vocab), sd[n] = dev.seq[0], sc[n] = cpu.seq[0], pos[n] = len++;
-                want[n] = 1, use[n++] = i == 0 ? ad : inf;
-            }
-        }
-        done += k;
-        int vocab_n = vocab * 16;
-        float *ld = malloc(sizeof(float) * vocab_n), *lc = malloc(sizeof(float) * vocab_n);
-        fl_batch bd = {.n_tokens = n, .token = tok, .seq = sd, .pos = pos, .logits = want, .adapter = use};
-        fl_batch bc = bd;
-        bc.seq = sc;
-        const fl_adapter *usec[16];
-        for (int i = 0; i < n; i++) usec[i] = use[i] == ad ? ac : use[i];
-        bc.adapter = usec;
-        int rd = fl_forward(dev.ctx, &bd, ld), rc = fl_forward(cpu.ctx, &bc, lc);
-        double d = rd == rc && rd > 0 ? rel_max(ld, lc, (size_t)rd * vocab) : INFINITY;
-        worst = d > worst ? d : worst;
-        free(ld);
-        free(lc);
-    }
-    int bd = fl_train_backward(dev.ctx, td, 30), bc = fl_train_backward(cpu.ctx, tc, 30);
-    double gd = 0.0, gbig = 0.0;
-    for (size_t i = 0; i < ad->n_params; i++) {
-        gd = fmax(gd, fabs((double)ad->grads[i] - ac->grads[i]));
-        gbig = fmax(gbig, fabs(ac->grads[i]));
-    }
-    tap_ok(worst < 1e-5, "inference rows among finetuning rows: logits as the CPU's (%.1e)", worst);
-    tap_ok(bd == 30 && bc == 30 && fl_train_loss(td) == fl_train_loss(tc) && gd <= 1e-6 * gbig &&
-               gbig > 0,
-           "the finetuning rows ran on the CPU: loss %.6f as the CPU context's %.6f, gradients "
-           "within %.1e of the largest %.1e",
-           fl_train_loss(td), fl_train_loss(tc), gd, gbig);
-    fl_train_end(dev.ctx, td);
-    fl_train_end(cpu.ctx, tc);
-    fl_adapter_free(ad);
-    fl_adapter_free(ac);
-    fl_adapter_free(inf);
-    close_side(&dev);
-    close_side(&cpu);
+    dp_close(&dev);
+    dp_close(&cpu);
 }
 
 /* Generation end to end (the generator's batches through the device path). */
 static void test_generator(const char *dir) {
     fl_model *md = load(dir, FL_DEVICE_CUDA), *mc = load(dir, FL_DEVICE_CPU);
-    fl_adapter *a = random_adapter(mc, 8, FL_LORA_ALL_LINEARS, 7);
+    fl_adapter *a = dp_random_adapter(mc, 8, FL_LORA_ALL_LINEARS, 7);
     int32_t got[2][3][40], n[2][3] = {{0}};
     for (int side_i = 0; side_i < 2; side_i++) {
         fl_context *ctx = fl_context_new(side_i ? mc : md, NULL);
@@ -520,6 +336,7 @@ static void test_generator(const char *dir) {
 }
 
 int main(void) {
+    ct_seed(23);
     const char *dir = tap_tmpdir("cuda_mock");
     char model[4200];
     snprintf(model, sizeof model, "%s/model", dir ? dir : "build/tmp");
@@ -531,9 +348,12 @@ int main(void) {
     ip.n_heads = 4;
     ip.n_kv_heads = 2;
     if (!tap_ok(dir && fl_init_model(model, &ip) == 0, "a small model is written")) return tap_done();
+    /* the stand-in computes as the CPU does: only the batch composition may differ */
+    dp_tol tol = {.logits = 1e-5, .loss = 0.0, .grads = 1e-6};
     test_choice(model);
-    test_batches(model);
-    test_finetuning(model);
+    dp_check_adapters(model, tol, &mock.uploads);
+    test_failures(model);
+    dp_check_finetuning_rows(model, tol);
     test_generator(model);
     return tap_done();
 }

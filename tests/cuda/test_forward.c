@@ -1,13 +1,14 @@
 /* The engine on the cuda device through the public API (fl_model_load with device cuda,
- * fl_forward, fl_generator, finetuning samples), against independent truths: llama2.c's 80
- * greedy ids for stories260K, and a CPU model's contexts fed the same batches (logits of
- * mixed prefill/decode batches with several LoRA adapters, an adapter changed in place or
- * replaced at the same address, finetuning rows beside inference rows: their loss and
- * gradients). Without a device: how the device is chosen and refused, then a skip. */
+ * fl_forward, fl_generator, finetuning samples), against independent truths:
+ * llama2.c's 80 greedy ids for stories260K, and a CPU model's contexts fed the same batches
+ * (device_path.h's checks, which mock_backend.c runs on a CPU stand-in for the backend:
+ * logits of mixed prefill/decode batches with several LoRA adapters, an adapter changed in
+ * place or replaced at the same address, finetuning rows beside inference rows with their
+ * loss and gradients). Without a device: how the device is chosen and refused, then a
+ * skip. */
 #include "cuda/cuda_model.h"
-#include "cuda_test.h"
+#include "device_path.h"
 #include "expected_ids.h"
-#include "lora.h"
 
 #include <cjson/cJSON.h>
 #include <string.h>
@@ -99,197 +100,6 @@ static void test_stories(const char *dir) {
     fl_model_free(m);
 }
 
-/* logits relative to the reference's largest: the largest difference */
-static double rel_max(const float *got, const float *ref, size_t n) {
-    double big = 0.0, worst = 0.0;
-    for (size_t i = 0; i < n; i++) big = fabs(ref[i]) > big ? fabs(ref[i]) : big;
-    for (size_t i = 0; i < n; i++) {
-        double d = fabs((double)got[i] - ref[i]);
-        worst = isnan(d) ? INFINITY : d > worst ? d : worst;
-    }
-    return worst / (big > 0 ? big : 1.0);
-}
-
-static fl_adapter *random_adapter(const fl_model *m, int rank, unsigned targets, uint64_t seed) {
-    fl_lora_params lp = fl_lora_default_params();
-    lp.rank = rank;
-    lp.alpha = 2.0f * rank;
-    lp.targets = targets;
-    lp.seed = seed;
-    fl_adapter *a = fl_adapter_new(m, &lp);
-    if (!a) ct_check(-1, "fl_adapter_new");
-    for (size_t i = 0; i < a->n_params; i++) a->params[i] += ct_uniform(-0.1f, 0.1f); /* B != 0 */
-    return a;
-}
-
-typedef struct {
-    fl_model *m;
-    fl_context *ctx;
-    int seq[4];
-} side;
-
-static side open_side(const char *dir, fl_device dev) {
-    side s = {.m = load(dir, dev)};
-    if (!s.m) ct_check(-1, "fl_model_load");
-    fl_context_params cp = fl_context_default_params();
-    cp.kv_pages = 64;
-    cp.max_seqs = 8;
-    if (!(s.ctx = fl_context_new(s.m, &cp))) ct_check(-1, "fl_context_new");
-    for (int i = 0; i < 4; i++) s.seq[i] = fl_seq_new(s.ctx);
-    return s;
-}
-
-/* The batch tokens of seq_of[t] (an index into the sides' sequences) on both sides; every
- * row gets logits. Returns the largest relative difference. */
-static double both(side *gpu, side *cpu, int n, const int32_t *tok, const int *seq_of,
-                   const int32_t *pos, const fl_adapter *const *ad) {
-    int32_t sg[64], sc[64];
-    int8_t want[64];
-    for (int t = 0; t < n; t++) {
-        sg[t] = gpu->seq[seq_of[t]];
-        sc[t] = cpu->seq[seq_of[t]];
-        want[t] = 1;
-    }
-    int vocab = fl_model_config(cpu->m)->vocab_size;
-    float *lg = malloc(sizeof(float) * n * vocab), *lc = malloc(sizeof(float) * n * vocab);
-    fl_batch bg = {.n_tokens = n, .token = tok, .seq = sg, .pos = pos, .logits = want, .adapter = ad};
-    fl_batch bc = bg;
-    bc.seq = sc;
-    if (fl_forward(gpu->ctx, &bg, lg) != n) ct_check(-1, "fl_forward on cuda");
-    if (fl_forward(cpu->ctx, &bc, lc) != n) ct_check(-1, "fl_forward on the CPU");
-    double d = rel_max(lg, lc, (size_t)n * vocab);
-    free(lg);
-    free(lc);
-    return d;
-}
-
-/* Prefill chunks of three sequences with three adapters (ranks 4, 8, 16 on different
- * targets) and one with none, in one batch; then a decode step of each; then one adapter
- * changed in place, and one freed and another made in its stead. */
-static void test_adapters(const char *dir) {
-    side gpu = open_side(dir, FL_DEVICE_CUDA), cpu = open_side(dir, FL_DEVICE_CPU);
-    int vocab = fl_model_config(cpu.m)->vocab_size;
-    fl_adapter *ad[3] = {
-        random_adapter(cpu.m, 4, (1u << FL_LORA_Q) | (1u << FL_LORA_V), 1),
-        random_adapter(cpu.m, 8, FL_LORA_ALL_LINEARS, 2),
-        random_adapter(cpu.m, 16, (1u << FL_LORA_O) | (1u << FL_LORA_DOWN), 3)};
-    int32_t tok[64], pos[64];
-    int seq_of[64], len[4] = {0}, n = 0;
-    const fl_adapter *use[64];
-    for (int i = 0; i < 12; i++)
-        for (int s = 0; s < 4; s++) {
-            if (s == 3 && i >= 5) continue;
-            tok[n] = ct_below(vocab);
-            seq_of[n] = s;
-            pos[n] = len[s]++;
-            use[n++] = s < 3 ? ad[s] : NULL;
-        }
-    double d1 = both(&gpu, &cpu, n, tok, seq_of, pos, use);
-    n = 0;
-    for (int s = 0; s < 4; s++) {
-        tok[n] = ct_below(vocab);
-        seq_of[n] = s;
-        pos[n] = len[s]++;
-        use[n++] = s < 3 ? ad[s] : NULL;
-    }
-    double d2 = both(&gpu, &cpu, n, tok, seq_of, pos, use);
-    tap_ok(d1 < 1e-4 && d2 < 1e-4,
-           "cuda vs CPU with 3 adapters and none in one batch: prefill chunks %.1e, decode %.1e",
-           d1, d2);
-
-    /* trained in place (as the optimizer does): the device must see the new weights */
-    for (size_t i = 0; i < ad[1]->n_params; i++) ad[1]->params[i] *= -1.5f;
-    fl_lora_params lp = ad[0]->p;
-    fl_adapter_free(ad[0]); /* another one, quite possibly at the same address */
-    lp.seed = 99;
-    ad[0] = random_adapter(cpu.m, lp.rank, lp.targets, 99);
-    n = 0;
-    for (int s = 0; s < 4; s++) {
-        tok[n] = ct_below(vocab);
-        seq_of[n] = s;
-        pos[n] = len[s]++;
-        use[n++] = s < 3 ? ad[s] : NULL;
-    }
-    double d3 = both(&gpu, &cpu, n, tok, seq_of, pos, use);
-    tap_ok(d3 < 1e-4,
-           "an adapter changed in place and one replaced by a new one are used as they are now "
-           "(%.1e)",
-           d3);
-    for (int i = 0; i < 3; i++) fl_adapter_free(ad[i]);
-    fl_context_free(gpu.ctx);
-    fl_context_free(cpu.ctx);
-    fl_model_free(gpu.m);
-    fl_model_free(cpu.m);
-}
-
-/* A finetuning sample's chunk beside inference tokens in one batch on a cuda context: the
- * training rows run on the CPU, so loss and gradients are the CPU context's; the inference
- * rows' logits are the CPU's to fp32 rounding. */
-static void test_finetuning_rows(const char *dir) {
-    side gpu = open_side(dir, FL_DEVICE_CUDA), cpu = open_side(dir, FL_DEVICE_CPU);
-    int vocab = fl_model_config(cpu.m)->vocab_size;
-    fl_adapter *ag = random_adapter(cpu.m, 8, FL_LORA_ALL_LINEARS, 5);
-    fl_adapter *ac = random_adapter(cpu.m, 8, FL_LORA_ALL_LINEARS, 5);
-    memcpy(ac->params, ag->params, sizeof(float) * ag->n_params);
-    int32_t stok[24], slab[24];
-    for (int i = 0; i < 24; i++) stok[i] = ct_below(vocab);
-    for (int i = 0; i < 24; i++) slab[i] = i + 1 < 24 ? stok[i + 1] : -1;
-    fl_sample sample = {stok, slab, 24};
-    fl_train_sample *tg = fl_train_begin(gpu.ctx, ag, &sample, NULL);
-    fl_train_sample *tc = fl_train_begin(cpu.ctx, ac, &sample, NULL);
-    if (!tg || !tc) ct_check(-1, "fl_train_begin");
-    int32_t itok[8];
-    for (int i = 0; i < 8; i++) itok[i] = ct_below(vocab);
-    double worst = 0.0;
-    float *lg = malloc(sizeof(float) * 8 * vocab), *lc = malloc(sizeof(float) * 8 * vocab);
-    for (int chunk = 0; chunk < 3; chunk++) { /* 8 sample positions + 8 or 1 inference ones */
-        int32_t tok[16], sg[16], sc[16], pos[16];
-        int8_t want[16];
-        int n = 0, n_inf = chunk == 0 ? 8 : 1;
-        for (int i = 0; i < n_inf; i++) {
-            int p = chunk == 0 ? i : 7 + chunk;
-            tok[n] = chunk == 0 ? itok[i] : ct_below(vocab);
-            sg[n] = gpu.seq[0], sc[n] = cpu.seq[0], pos[n] = p, want[n++] = 1;
-        }
-        for (int i = 0; i < 8; i++) {
-            tok[n] = stok[chunk * 8 + i];
-            sg[n] = fl_train_seq(tg), sc[n] = fl_train_seq(tc), pos[n] = chunk * 8 + i;
-            want[n++] = 0;
-        }
-        fl_batch bg = {.n_tokens = n, .token = tok, .seq = sg, .pos = pos, .logits = want};
-        fl_batch bc = bg;
-        bc.seq = sc;
-        if (fl_forward(gpu.ctx, &bg, lg) != n_inf || fl_forward(cpu.ctx, &bc, lc) != n_inf)
-            ct_check(-1, "fl_forward with finetuning rows");
-        double d = rel_max(lg, lc, (size_t)n_inf * vocab);
-        worst = d > worst ? d : worst;
-    }
-    if (fl_train_backward(gpu.ctx, tg, 24) != 24 || fl_train_backward(cpu.ctx, tc, 24) != 24)
-        ct_check(-1, "fl_train_backward");
-    double lg_loss = fl_train_loss(tg), lc_loss = fl_train_loss(tc), gd = 0.0, gbig = 0.0;
-    for (size_t i = 0; i < ag->n_params; i++) {
-        double d = fabs((double)ag->grads[i] - ac->grads[i]);
-        gd = d > gd ? d : gd;
-        gbig = fabs(ac->grads[i]) > gbig ? fabs(ac->grads[i]) : gbig;
-    }
-    tap_ok(fabs(lg_loss - lc_loss) <= 1e-6 * fabs(lc_loss) && gd <= 1e-5 * gbig && gbig > 0,
-           "finetuning rows beside inference rows on a cuda context: loss %.6f vs the CPU's %.6f, "
-           "gradients within %.1e of the largest %.1e",
-           lg_loss, lc_loss, gd, gbig);
-    tap_ok(worst < 1e-4, "the inference rows of those batches: logits within %.1e of the CPU's",
-           worst);
-    fl_train_end(gpu.ctx, tg);
-    fl_train_end(cpu.ctx, tc);
-    free(lg);
-    free(lc);
-    fl_adapter_free(ag);
-    fl_adapter_free(ac);
-    fl_context_free(gpu.ctx);
-    fl_context_free(cpu.ctx);
-    fl_model_free(gpu.m);
-    fl_model_free(cpu.m);
-}
-
 int main(void) {
     ct_seed(17);
     const char *dir = tap_tmpdir("cuda_forward");
@@ -314,7 +124,8 @@ int main(void) {
         test_stories(stories);
     else
         tap_skip("stories260K on cuda: no shared models (set FLEXLLM_SHARED)");
-    test_adapters(model);
-    test_finetuning_rows(model);
+    dp_tol tol = {.logits = 1e-4, .loss = 1e-6, .grads = 1e-5};
+    dp_check_adapters(model, tol, NULL);
+    dp_check_finetuning_rows(model, tol);
     return tap_done();
 }
