@@ -152,7 +152,8 @@ void fl_sched_plan_features(const fl_sched_state *st, const fl_sched_plan *plan,
     }
 }
 
-/* Solves (A + RIDGE*I) c = b for the FL_COST_N coefficients by Cholesky. */
+/* Solves (A + RIDGE*I) c = b for the FL_COST_N coefficients by Cholesky, reading the lower
+ * triangle of A. */
 static int solve(const double a[FL_COST_N][FL_COST_N], const double b[FL_COST_N],
                  double c[FL_COST_N]) {
     enum { N = FL_COST_N };
@@ -186,7 +187,7 @@ void fl_cost_observe(fl_cost_fit *fit, fl_cost_model *model, const fl_cost_featu
     const double x[FL_COST_N] = {1,          f->tokens[0], f->tokens[1],      f->tokens[2],
                                  f->tokens[3], f->context, f->backward_chunks};
     for (int i = 0; i < FL_COST_N; i++) {
-        for (int j = 0; j < FL_COST_N; j++)
+        for (int j = 0; j <= i; j++) /* symmetric: the solve reads the lower triangle */
             fit->xtx[i][j] = FORGET * fit->xtx[i][j] + x[i] * x[j];
         fit->xty[i] = FORGET * fit->xty[i] + x[i] * seconds;
     }

@@ -38,7 +38,7 @@ enum { FL_COST_N = 7 };
 /* Least squares of iteration seconds on the features, with exponential forgetting so the
  * fit follows the machine. */
 typedef struct {
-    double xtx[FL_COST_N][FL_COST_N];
+    double xtx[FL_COST_N][FL_COST_N]; /* lower triangle only */
     double xty[FL_COST_N];
     long n;
 } fl_cost_fit;
