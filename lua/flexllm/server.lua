@@ -179,7 +179,8 @@ end
 
 local SSE_HEADERS = { ["content-type"] = "text/event-stream", ["cache-control"] = "no-cache" }
 
-local function sse(w, obj) return w:write("data: " .. R.encode(obj) .. "\n\n") end
+-- One server-sent event: a JSON text (a chunk, an error) or [DONE].
+local function sse(w, payload) return w:write("data: " .. payload .. "\n\n") end
 
 -- Submits a request: g holds its kind (text_completion or chat.completion), model name,
 -- writer, conn, stream, include_usage, prefix (echoed prompt), end_of_turn ids, tenant;
@@ -251,7 +252,7 @@ function Server:emit(g, text)
     g.text[#g.text + 1] = text
     return true
   end
-  if not sse(g.w, openai.chunk(g, text)) then
+  if not sse(g.w, R.encode(openai.chunk(g, text))) then
     self:abandon(g)
     return false
   end
@@ -262,8 +263,8 @@ function Server:complete(g, finish)
   self:retire(g, finish)
   if g.stream then
     local w = g.w
-    if sse(w, openai.chunk(g, nil, finish)) and (not g.include_usage or sse(w, openai.usage_chunk(g)))
-      and w:write("data: [DONE]\n\n") then
+    if sse(w, R.encode(openai.chunk(g, nil, finish)))
+      and (not g.include_usage or sse(w, R.encode(openai.usage_chunk(g)))) and sse(w, "[DONE]") then
       w:finish()
     end
   else
@@ -300,11 +301,12 @@ function Server:step()
     for _, g in pairs(self.gens) do
       self.rt:cancel(g.rid)
       self:retire(g, "error")
+      local message = "generation failed: " .. tostring(err)
       if g.stream then
-        g.w:write("data: " .. R.error_body(500, "generation failed: " .. tostring(err)) .. "\n\n")
+        sse(g.w, R.error_body(500, message))
         g.w:finish()
       else
-        R.send_error(g.w, 500, "generation failed: " .. tostring(err))
+        R.send_error(g.w, 500, message)
       end
     end
     return true
@@ -605,18 +607,17 @@ function Server:handle(req, w)
   self.http_requests = self.http_requests + 1
   local ok, err = xpcall(route, traceback, self, req, w)
   if ok then return end
+  local known = R.is_error(err)
+  if not known then self.log(("internal error in %s %s: %s"):format(req.method, req.path, err)) end
+  local status = known and err.status or 500
+  local message = known and err.message or "internal server error: " .. (tostring(err):match("^[^\n]*"))
   if w.streaming then -- the status line is out: end the stream with an error event
-    if not R.is_error(err) then self.log(("internal error in %s %s: %s"):format(req.method, req.path, err)) end
-    local status = R.is_error(err) and err.status or 500
-    local message = R.is_error(err) and err.message or "internal server error: " .. (tostring(err):match("^[^\n]*"))
-    pcall(w.write, w, "data: " .. R.error_body(status, message, nil, nil) .. "\n\n")
+    pcall(sse, w, R.error_body(status, message))
     pcall(w.finish, w)
-  elseif R.is_error(err) then
-    R.send_error(w, err.status, err.message, err.param, err.code,
-      err.status == 401 and { ["www-authenticate"] = "Bearer" } or nil)
+  elseif known then
+    R.send_error(w, status, message, err.param, err.code, status == 401 and { ["www-authenticate"] = "Bearer" } or nil)
   else
-    self.log(("internal error in %s %s: %s"):format(req.method, req.path, err))
-    pcall(R.send_error, w, 500, "internal server error: " .. (tostring(err):match("^[^\n]*")), nil, "internal_error")
+    pcall(R.send_error, w, status, message, nil, "internal_error")
   end
 end
 
