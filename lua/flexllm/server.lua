@@ -542,15 +542,16 @@ local ROUTES = {
   { "^/admin/status$", { GET = admin_status } },
 }
 
-local function url_decode(s)
-  return (s:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+local function percent_decode(s)
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
 end
 
+-- A query is form-encoded: '+' stands for a space there (in a path it is itself).
 local function parse_query(q)
   local t = {}
   for pair in (q or ""):gmatch("[^&]+") do
-    local k, v = pair:match("^([^=]*)=?(.*)$")
-    t[url_decode(k)] = url_decode(v)
+    local k, v = pair:gsub("%+", " "):match("^([^=]*)=?(.*)$")
+    t[percent_decode(k)] = percent_decode(v)
   end
   return t
 end
@@ -590,7 +591,7 @@ local function route(S, req, w)
           nil, "method_not_allowed", { allow = table.concat(allow, ", ") })
         return
       end
-      return h(S, req, w, parse_query(req.query), cap ~= path and url_decode(cap) or nil)
+      return h(S, req, w, parse_query(req.query), cap ~= path and percent_decode(cap) or nil)
     end
   end
   R.fail(404, ("no route for %s %s"):format(req.method, path), nil, "not_found")
