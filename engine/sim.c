@@ -27,6 +27,7 @@ typedef struct {
 
 struct fl_sim {
     fl_sim_profile prof;
+    fl_cost_model truth; /* the profile as a cost model: what an iteration takes */
     float ttft_slo, tpot_slo;
     fl_policy *policy;
     sim_request *reqs;
@@ -93,11 +94,12 @@ fl_sim *fl_sim_new(const fl_sim_profile *profile, const char *policy, const char
     s->plan.items = fl_malloc(sizeof(fl_sched_item) * (size_t)profile->max_batch_tokens);
     if (!s->plan.items) goto fail;
     /* The profile is the simulated machine's true cost: a model fitted without end. */
-    s->st.cost.fixed = profile->fixed;
-    memcpy(s->st.cost.per_token, profile->per_token, sizeof profile->per_token);
-    s->st.cost.per_context = profile->per_context;
-    s->st.cost.per_backward_chunk = profile->per_backward_chunk;
-    s->st.cost.fitted = 1 << 30;
+    s->truth.fixed = profile->fixed;
+    memcpy(s->truth.per_token, profile->per_token, sizeof profile->per_token);
+    s->truth.per_context = profile->per_context;
+    s->truth.per_backward_chunk = profile->per_backward_chunk;
+    s->truth.fitted = 1 << 30;
+    s->st.cost = s->truth;
     if (policy) {
         fl_policy_params pp = fl_policy_default_params();
         pp.options = options;
@@ -217,12 +219,15 @@ static void fill_state(fl_sim *s, double now) {
     }
 }
 
+static double tpot_of(const sim_request *r) {
+    return r->generated > 1 ? (r->last_at - r->first_at) / (r->generated - 1) : 0;
+}
+
 static void finish_request(fl_sim *s, sim_request *r) {
     r->done = 1;
     s->pages_used -= pages_for(r->prompt_len + r->output_len);
     s->seqs_used--;
-    double ttft = r->first_at - r->arrival;
-    double tpot = r->generated > 1 ? (r->last_at - r->first_at) / (r->generated - 1) : 0;
+    double ttft = r->first_at - r->arrival, tpot = tpot_of(r);
     s->stats.requests_done++;
     s->stats.requests_slo_met += (s->ttft_slo <= 0 || ttft <= s->ttft_slo) &&
                                  (s->tpot_slo <= 0 || tpot <= s->tpot_slo);
@@ -284,10 +289,8 @@ int fl_sim_run(fl_sim *s, double until) {
         }
         fl_cost_features f;
         fl_sched_plan_features(&s->st, &s->plan, &f);
-        /* From the profile, not st.cost: a policy can write the state it is shown. */
-        double took = s->prof.fixed + s->prof.per_context * f.context +
-                      s->prof.per_backward_chunk * f.backward_chunks;
-        for (int k = 0; k < 4; k++) took += s->prof.per_token[k] * f.tokens[k];
+        /* Not st.cost: a policy can write the state it is shown. */
+        double took = fl_cost_predict(&s->truth, &f);
         now += took;
         apply_plan(s, now);
         s->st.last_iteration_s = took;
@@ -318,7 +321,7 @@ void fl_sim_get_stats(const fl_sim *s, fl_sim_stats *out) {
         const sim_request *r = &s->reqs[i];
         if (!r->done) continue;
         ttft[n] = r->first_at - r->arrival;
-        tpot[n++] = r->generated > 1 ? (r->last_at - r->first_at) / (r->generated - 1) : 0;
+        tpot[n++] = tpot_of(r);
     }
     if (ttft && tpot) {
         out->ttft_p50 = quantile(ttft, n, 0.5), out->ttft_p99 = quantile(ttft, n, 0.99);
