@@ -87,7 +87,6 @@ static void free_dev(fl_dev_batch *d) {
     int32_t *a[] = {d->token,   d->pos,     d->page_start, d->slot,  d->logit_rows,
                     d->cpu_token, d->cpu_seq, d->cpu_pos,    d->pages, d->seq_start};
     for (size_t i = 0; i < sizeof a / sizeof a[0]; i++) free(a[i]);
-    for (int i = 0; i < FL_CUDA_ADAPTER_SLOTS; i++) free(d->slots[i].shadow);
 }
 
 /* The CPU KV pool. On cuda it holds only finetuning sequences' KV and is allocated when
@@ -536,14 +535,8 @@ static int upload_adapter(fl_context *ctx, int i, const fl_adapter *a, long long
     int rc = m->cuda->set_adapter(ctx->cuda, i, &ca);
     free(ab);
     if (rc != 0) return -1;
-    if (sl->n_params != a->n_params) {
-        free(sl->shadow);
-        sl->n_params = 0;
-        if (!(sl->shadow = fl_malloc(sizeof(float) * a->n_params))) return -1;
-        sl->n_params = a->n_params;
-    }
-    memcpy(sl->shadow, a->params, sizeof(float) * a->n_params);
     sl->adapter = a;
+    sl->version = a->version;
     sl->used = now;
     return i;
 }
@@ -551,9 +544,9 @@ static int upload_adapter(fl_context *ctx, int i, const fl_adapter *a, long long
 /* The device slot holding adapter a's weights as they are now, uploading them when none
  * does (into the slot least recently used, never one this forward uses). An adapter's
  * address proves nothing about its content: it may have been trained since (the optimizer
- * writes its parameters in place), or freed and another made at the same address. So each
- * forward compares the parameters with the copy uploaded last, a pass over the adapter that
- * is small beside the base weights' traffic. Returns the slot, or -1. */
+ * writes its parameters in place), or freed and another made at the same address. Its
+ * version, new for every adapter and every change (fl_adapter_changed), tells both.
+ * Returns the slot, or -1. */
 static int adapter_slot(fl_context *ctx, const fl_adapter *a, long long now) {
     fl_dev_slot *sl = ctx->dev.slots;
     int found = -1, lru = -1;
@@ -561,9 +554,7 @@ static int adapter_slot(fl_context *ctx, const fl_adapter *a, long long now) {
         if (sl[i].adapter == a) found = i;
         else if (sl[i].used != now && (lru < 0 || sl[i].used < sl[lru].used)) lru = i;
     }
-    if (found >= 0 && (sl[found].used == now ||
-                       (sl[found].n_params == a->n_params &&
-                        memcmp(sl[found].shadow, a->params, sizeof(float) * a->n_params) == 0))) {
+    if (found >= 0 && sl[found].version == a->version) {
         sl[found].used = now;
         return found;
     }

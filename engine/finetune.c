@@ -235,6 +235,7 @@ static int finish(fl_finetune *j) {
 /* The optimizer step after grad_accum samples (or the last few of the run). */
 static int optimizer_step(fl_finetune *j) {
     float norm = fl_optimizer_step(j->opt, j->adapter->params, j->adapter->grads, j->in_accum);
+    fl_adapter_changed(j->adapter);
     if (norm < 0)
         return fl_error("finetuning: the gradient is not finite at step %d; stopped (last "
                         "checkpoint: step %d)", j->prog.step + 1, j->last_checkpoint);

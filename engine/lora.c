@@ -98,6 +98,11 @@ static int check_params(const fl_lora_params *p) {
     return 0;
 }
 
+void fl_adapter_changed(fl_adapter *a) {
+    static uint64_t last; /* shared by every thread's adapters */
+    a->version = __atomic_add_fetch(&last, 1, __ATOMIC_RELAXED);
+}
+
 /* An adapter with zeroed params and grads and A/B pointing into them. */
 static fl_adapter *adapter_alloc(const fl_model *m, const fl_lora_params *p) {
     if (check_params(p)) return NULL;
@@ -112,6 +117,7 @@ static fl_adapter *adapter_alloc(const fl_model *m, const fl_lora_params *p) {
         if (p->targets & (1u << t))
             n += r * (size_t)(target_in(m, t) + target_out(m, t)) * (size_t)a->n_layers;
     a->n_params = n;
+    fl_adapter_changed(a); /* a fresh version: one freed at the same address had another */
     a->params = fl_calloc(n, sizeof(float));
     a->grads = fl_calloc(n, sizeof(float));
     if (!a->w || !a->params || !a->grads) {

@@ -21,7 +21,14 @@ struct fl_adapter {
     float *params;        /* [n_params]: every A then B, layer by layer, target by target */
     float *grads;         /* [n_params] */
     size_t n_params;
+    uint64_t version;     /* unique in the process: new for each adapter and each change of
+                             params (fl_adapter_changed), so a copy of the weights (a cuda
+                             context's device slot) knows by one compare whether it is stale */
 };
+
+/* Call after writing an adapter's params (the optimizer step does): gives it a version no
+ * adapter has had, so every copy of its old weights is stale. */
+void fl_adapter_changed(fl_adapter *a);
 
 static inline fl_lora_weight *fl_lora_at(const fl_adapter *a, int layer, fl_lora_target t) {
     fl_lora_weight *w = &a->w[layer * FL_LORA_N_TARGETS + t];

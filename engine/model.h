@@ -88,8 +88,7 @@ typedef struct {
 /* An adapter held in one of the device's slots. */
 typedef struct {
     const fl_adapter *adapter; /* NULL: the slot is empty */
-    float *shadow;             /* [n_params] its parameters as uploaded */
-    size_t n_params;
+    uint64_t version;          /* the adapter's version uploaded (fl_adapter.version) */
     long long used;            /* the forward that last used it */
 } fl_dev_slot;
 

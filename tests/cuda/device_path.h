@@ -64,6 +64,7 @@ static inline fl_adapter *dp_random_adapter(const fl_model *m, int rank, unsigne
     fl_adapter *a = fl_adapter_new(m, &lp);
     if (!a) ct_check(-1, "fl_adapter_new");
     for (size_t i = 0; i < a->n_params; i++) a->params[i] += ct_uniform(-0.1f, 0.1f); /* B != 0 */
+    fl_adapter_changed(a);
     return a;
 }
 
@@ -142,6 +143,7 @@ static inline void dp_check_adapters(const char *dir, dp_tol tol, const int *upl
 
     /* trained in place (as the optimizer does), freed and made anew, unchanged */
     for (size_t i = 0; i < ad[1]->n_params; i++) ad[1]->params[i] *= -1.5f;
+    fl_adapter_changed(ad[1]);
     fl_adapter_free(ad[0]);
     ad[0] = dp_random_adapter(cpu.m, 4, (1u << FL_LORA_Q) | (1u << FL_LORA_V), 9);
     dp_batch dec = {0};
@@ -167,6 +169,7 @@ static inline void dp_check_finetuning_rows(const char *dir, dp_tol tol) {
     fl_adapter *ad = dp_random_adapter(cpu.m, 8, FL_LORA_ALL_LINEARS, 5);
     fl_adapter *ac = dp_random_adapter(cpu.m, 8, FL_LORA_ALL_LINEARS, 5);
     memcpy(ac->params, ad->params, sizeof(float) * ad->n_params);
+    fl_adapter_changed(ac);
     fl_adapter *inf = dp_random_adapter(cpu.m, 4, FL_LORA_ALL_LINEARS, 6);
     int32_t stok[30], slab[30];
     for (int i = 0; i < 30; i++) stok[i] = ct_below(vocab);
@@ -221,6 +224,60 @@ static inline void dp_check_finetuning_rows(const char *dir, dp_tol tol) {
     fl_adapter_free(ad);
     fl_adapter_free(ac);
     fl_adapter_free(inf);
+    dp_close(&dev);
+    dp_close(&cpu);
+}
+
+/* A finetuning job on a cuda context, its live adapter (fl_finetune_adapter) generating
+ * beside it: after every optimizer step the device must use the new weights, as a CPU
+ * context reading the same adapter does. work: a folder for the job's data and output.
+ * uploads as for dp_check_adapters: one upload per step. */
+static inline void dp_check_job_adapter(const char *dir, const char *work, dp_tol tol,
+                                        const int *uploads) {
+    dp_side dev = dp_open(dir, FL_DEVICE_CUDA), cpu = dp_open(dir, FL_DEVICE_CPU);
+    int vocab = fl_model_config(cpu.m)->vocab_size;
+    char data[4300], out[4300];
+    snprintf(data, sizeof data, "%s/job.txt", work);
+    snprintf(out, sizeof out, "%s/job", work);
+    FILE *f = fopen(data, "w");
+    for (int i = 0; f && i < 40; i++) fprintf(f, "The cat sat on mat number %d, and then it slept. ", i);
+    if (!f || fclose(f) != 0) ct_check(-1, "writing the job's data");
+    fl_finetune_params p = fl_finetune_default_params();
+    p.data = data;
+    p.out = out;
+    p.lora.rank = 4;
+    p.lora.targets = FL_LORA_ALL_LINEARS;
+    p.optim.lr = 1e-2f;
+    p.dataset.max_len = 24;
+    p.grad_accum = 1;
+    p.chunk = 12;
+    p.max_steps = 3;
+    fl_finetune *job = fl_finetune_new(dev.ctx, &p);
+    if (!job) ct_check(-1, "fl_finetune_new");
+    fl_adapter *a = fl_finetune_adapter(job);
+    int up0 = uploads ? *uploads : 0, last = 0, checks = 0, rc, len = 0;
+    double worst = 0.0;
+    do {
+        rc = fl_finetune_step(job, 12);
+        fl_finetune_progress pr;
+        fl_finetune_get_progress(job, &pr);
+        if (pr.step == last) continue;
+        last = pr.step;
+        dp_batch b = {0};
+        dp_add(&b, ct_below(vocab), 0, len++, 1, a);
+        double d;
+        if (dp_run(&dev, &cpu, &b, &d) != 1) ct_check(-1, "fl_forward with the job's adapter");
+        worst = d > worst ? d : worst;
+        checks++;
+    } while (rc == 1);
+    tap_ok(rc == 0 && checks == 3 && worst < tol.logits,
+           "a finetuning job's adapter used for inference on the device after each of its %d "
+           "optimizer steps: logits as the CPU's with the same adapter (%.1e)",
+           checks, worst);
+    if (uploads)
+        tap_ok(*uploads - up0 == checks, "it went to the device once per step (%d uploads)",
+               *uploads - up0);
+    fl_finetune_free(job);
     dp_close(&dev);
     dp_close(&cpu);
 }

@@ -354,6 +354,7 @@ int main(void) {
     dp_check_adapters(model, tol, &mock.uploads);
     test_failures(model);
     dp_check_finetuning_rows(model, tol);
+    dp_check_job_adapter(model, dir, tol, &mock.uploads);
     test_generator(model);
     return tap_done();
 }

@@ -1,11 +1,11 @@
 /* The engine on the cuda device through the public API (fl_model_load with device cuda,
- * fl_forward, fl_generator, finetuning samples), against independent truths:
+ * fl_forward, fl_generator, finetuning samples and jobs), against independent truths:
  * llama2.c's 80 greedy ids for stories260K, and a CPU model's contexts fed the same batches
  * (device_path.h's checks, which mock_backend.c runs on a CPU stand-in for the backend:
  * logits of mixed prefill/decode batches with several LoRA adapters, an adapter changed in
  * place or replaced at the same address, finetuning rows beside inference rows with their
- * loss and gradients). Without a device: how the device is chosen and refused, then a
- * skip. */
+ * loss and gradients, a finetuning job's adapter after each step). Without a device: how
+ * the device is chosen and refused, then a skip. */
 #include "cuda/cuda_model.h"
 #include "device_path.h"
 #include "expected_ids.h"
@@ -127,5 +127,6 @@ int main(void) {
     dp_tol tol = {.logits = 1e-4, .loss = 1e-6, .grads = 1e-5};
     dp_check_adapters(model, tol, NULL);
     dp_check_finetuning_rows(model, tol);
+    dp_check_job_adapter(model, dir, tol, NULL);
     return tap_done();
 }
