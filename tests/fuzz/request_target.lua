@@ -1,11 +1,13 @@
 -- The JSON request path under the fuzzer: every input is one request to a server on a
 -- tiny model (its first byte picks the route, the rest is the body), answered through a
--- recording writer and run to completion. Any answer is fine except a 500 (a Lua error
--- in a route) or an answer that never completes; those raise, and the harness aborts.
-package.path = "lua/?.lua;lua/?/init.lua;build/lua/?.lua;" .. package.path
+-- recording writer (the server specs' own) and run to completion. Any answer is fine except
+-- a 500 (a Lua error in a route), a misused writer or an answer that never completes; those
+-- raise, and the harness aborts.
+package.path = "lua/?.lua;lua/?/init.lua;build/lua/?.lua;tests/lua/?.lua;" .. package.path
 package.cpath = "build/lib/?.so;" .. package.cpath
 local fl = require "flexllm"
 local server = require "flexllm.server"
+local writer = require "server_writer"
 
 local dir = "build/fuzz/model"
 if not io.open(dir .. "/model.safetensors", "rb") then
@@ -26,26 +28,11 @@ local ROUTES = {
   { "GET", "/v1/fine_tuning/jobs", "application/json" },
 }
 
-local Writer = {}
-Writer.__index = Writer
-function Writer:respond(status, _, body)
-  assert(not self.status, "answered twice")
-  self.status, self.body, self.finished = status, body, true
-  return true
-end
-function Writer:start_stream(status)
-  assert(not self.status, "answered twice")
-  self.status, self.streaming = status, true
-  return true
-end
-function Writer:write() assert(self.streaming and not self.finished, "write outside a stream") return true end
-function Writer:finish() self.finished = true return true end
-
 local conn = 0
 return function(data)
   local r = ROUTES[(data:byte(1) or 0) % #ROUTES + 1]
   conn = conn + 1
-  local w = setmetatable({}, Writer)
+  local w = writer()
   S:handle({ kind = "request", conn = conn, method = r[1], path = r[2], query = "",
              headers = { ["content-type"] = r[3] }, body = data:sub(2) }, w)
   for _ = 1, 5000 do

@@ -11,52 +11,8 @@ M.model_dir = M.tmp .. "/tiny"
 assert(fl.init_model(M.model_dir, { dim = 64, hidden_dim = 160, n_layers = 2, n_heads = 4, n_kv_heads = 2,
                                    seed = 4, max_seq_len = 256 }))
 
--- A writer that records everything; write fails once `gone_after` chunks went through
--- (a client that disconnected).
-local Writer = {}
-Writer.__index = Writer
-
-function M.writer(gone_after)
-  return setmetatable({ chunks = {}, finished = false, gone_after = gone_after }, Writer)
-end
-
-function Writer:respond(status, headers, body)
-  assert(not self.status, "answered twice")
-  self.status, self.headers, self.body, self.finished = status, headers, body, true
-  return true
-end
-
-function Writer:start_stream(status, headers)
-  assert(not self.status, "answered twice")
-  self.status, self.headers, self.streaming = status, headers, true
-  return true
-end
-
-function Writer:write(data)
-  assert(self.streaming and not self.finished, "write outside a stream")
-  if self.gone_after and #self.chunks >= self.gone_after then return false end
-  self.chunks[#self.chunks + 1] = data
-  return true
-end
-
-function Writer:finish()
-  assert(self.streaming, "finish outside a stream")
-  self.finished = true
-  return true
-end
-
--- The JSON answer (or nil).
-function Writer:json() return cjson.decode(self.body or "") end
-
--- The SSE events of a stream: decoded JSON objects, and "[DONE]" as a string.
-function Writer:events()
-  local out = {}
-  for _, c in ipairs(self.chunks) do
-    local payload = assert(c:match("^data: (.*)\n\n$"), "not an SSE event: " .. c)
-    out[#out + 1] = payload == "[DONE]" and payload or assert(cjson.decode(payload))
-  end
-  return out
-end
+-- A writer that records the answer (see server_writer.lua): F.writer(gone_after).
+M.writer = require "server_writer"
 
 local next_conn = 0
 
