@@ -138,12 +138,18 @@ class Suite:
     def conn(self):
         return Conn(self.port)
 
-    def get(self, path):
+    def exchange(self, data, then_eof=False):
+        """Sends data on a new connection and reads one response. then_eof: returns it with
+        whether the server then closed the connection, sending nothing more."""
         c = self.conn()
-        c.send(request("GET", path, headers={"Connection": "close"}))
+        c.send(data)
         r = c.response()
+        eof = then_eof and c.at_eof()
         c.close()
-        return r
+        return (r, eof) if then_eof else r
+
+    def get(self, path):
+        return self.exchange(request("GET", path, headers={"Connection": "close"}))
 
     def error_answer(self, r, status, words):
         """None when r is the C layer's OpenAI-style error with this status and words."""
@@ -165,10 +171,7 @@ def main():
     t = Suite()
 
     def echo():
-        c = t.conn()
-        c.send(request("POST", "/v1/echo?x=1&y=2", b"hello", {"X-Custom": "Abc", "x-rep": "a"}) )
-        r = c.response()
-        c.close()
+        r = t.exchange(request("POST", "/v1/echo?x=1&y=2", b"hello", {"X-Custom": "Abc", "x-rep": "a"}))
         j = r.json()
         want = {"method": "POST", "path": "/v1/echo", "query": "x=1&y=2", "body": "hello", "http_version": "1.1"}
         got = {k: j.get(k) for k in want}
@@ -179,10 +182,7 @@ def main():
     t.check("a POST is delivered with method, path, query, body, lower-cased headers, remote", echo)
 
     def repeated_headers():
-        c = t.conn()
-        c.send(b"GET /r HTTP/1.1\r\nHost: t\r\nX-A: 1\r\nx-a: 2\r\nConnection: close\r\n\r\n")
-        h = c.response().json()["headers"]
-        c.close()
+        h = t.exchange(b"GET /r HTTP/1.1\r\nHost: t\r\nX-A: 1\r\nx-a: 2\r\nConnection: close\r\n\r\n").json()["headers"]
         return None if h.get("x-a") == "1, 2" else "x-a is %r" % h.get("x-a")
     t.check("repeated headers are joined with ', '", repeated_headers)
 
@@ -212,21 +212,13 @@ def main():
     t.check("keep-alive: two requests in turn on one connection", keep_alive)
 
     def http10():
-        c = t.conn()
-        c.send(b"GET /old HTTP/1.0\r\n\r\n")
-        r = c.response()
-        eof = c.at_eof()
-        c.close()
+        r, eof = t.exchange(b"GET /old HTTP/1.0\r\n\r\n", then_eof=True)
         if r.json()["http_version"] != "1.0" or r.headers.get("connection") != "close" or not eof:
             return "version %r, connection %r, closed %r" % (r.json()["http_version"], r.headers.get("connection"), eof)
     t.check("HTTP/1.0 without keep-alive: answered with Connection: close, then closed", http10)
 
     def conn_close():
-        c = t.conn()
-        c.send(request("GET", "/c", headers={"Connection": "close"}))
-        r = c.response()
-        eof = c.at_eof()
-        c.close()
+        r, eof = t.exchange(request("GET", "/c", headers={"Connection": "close"}), then_eof=True)
         return None if r.status == 200 and eof else "status %d, closed %r" % (r.status, eof)
     t.check("Connection: close from an HTTP/1.1 client: answered, then closed", conn_close)
 
@@ -242,36 +234,24 @@ def main():
     t.check("requests cut off by a client that closes: the server serves the next one", truncated)
 
     def garbage():
-        c = t.conn()
-        c.send(b"\x01\x02GARBAGE / HTTP/1.1\r\n\r\n")
-        r = c.response()
-        eof = c.at_eof()
-        c.close()
+        r, eof = t.exchange(b"\x01\x02GARBAGE / HTTP/1.1\r\n\r\n", then_eof=True)
         return t.error_answer(r, 400, "malformed HTTP request: invalid HTTP method") or (None if eof else "not closed")
     t.check("a garbage request line gets a 400 JSON error naming the parser error, then close", garbage)
 
     def big_header():
-        c = t.conn()
-        c.send(request("GET", "/h", headers={"X-Big": "a" * 8000}))
-        r = c.response()
-        c.close()
+        r = t.exchange(request("GET", "/h", headers={"X-Big": "a" * 8000}))
         return t.error_answer(r, 431, "larger than the limit of 4096 bytes")
     t.check("headers over max_header_bytes get 431", big_header)
 
     def big_length():
-        c = t.conn()
-        c.send(b"POST /b HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000\r\n\r\n")
-        r = c.response()  # answered without a byte of the body sent
-        c.close()
+        # answered without a byte of the body sent
+        r = t.exchange(b"POST /b HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000\r\n\r\n")
         return t.error_answer(r, 413, "10000000 bytes")
     t.check("Content-Length over max_body_bytes gets 413 before the body is sent", big_length)
 
     def big_chunked():
-        c = t.conn()
         body = b"".join(b"%x\r\n%s\r\n" % (8192, b"z" * 8192) for _ in range(10)) + b"0\r\n\r\n"
-        c.send(request("POST", "/bc", headers={"Transfer-Encoding": "chunked"}) + body)
-        r = c.response()
-        c.close()
+        r = t.exchange(request("POST", "/bc", headers={"Transfer-Encoding": "chunked"}) + body)
         return t.error_answer(r, 413, "larger than the limit of 65536 bytes")
     t.check("a chunked body over max_body_bytes gets 413", big_chunked)
 
