@@ -102,6 +102,9 @@ fl_sim *fl_sim_new(const fl_sim_profile *profile, const char *policy, const char
     s->st.cost = s->truth;
     if (policy) {
         fl_policy_params pp = fl_policy_default_params();
+        /* The clock is virtual: a call's wall time, which the machine's load stretches,
+         * must not fail it and change the run; the budget only stops a runaway policy. */
+        pp.time_budget = 1.0;
         pp.options = options;
         if (!(s->policy = fl_policy_load(policy, &s->st, &s->plan, &pp, NULL))) goto fail;
     }

@@ -608,7 +608,9 @@ typedef struct {
 } fl_sim_stats;
 
 /* policy: a policy file, or NULL for the built-in plan; options: Lua source of a table
- * the policy gets as ctx.options, or NULL. */
+ * the policy gets as ctx.options, or NULL. A policy call may take up to a second of wall
+ * time (the runtime's budget is milliseconds): the clock is virtual, so a loaded machine
+ * does not make calls fail and runs differ. */
 fl_sim *fl_sim_new(const fl_sim_profile *profile, const char *policy, const char *options,
                    float ttft_slo, float tpot_slo);
 void fl_sim_free(fl_sim *sim);

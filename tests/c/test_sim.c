@@ -65,6 +65,14 @@ int main(void) {
            "each way, %.0f forward tokens/s)", a.ft_forward_tokens, a.ft_forward_tokens / a.clock);
     fl_sim_stats often = run_with(&p, "policies/temporal.lua", "{ every = 2 }", 5.0, 1, 7);
     fl_sim_stats rarely = run_with(&p, "policies/temporal.lua", "{ every = 512 }", 5.0, 1, 7);
+    fl_sim_stats h1 = run(&p, "policies/hybrid.lua", 20.0, 1, 7);
+    fl_sim_stats h2 = run(&p, "policies/hybrid.lua", 20.0, 1, 7);
+    tap_ok(h1.requests_done == 400 && h1.clock == h2.clock && h1.iterations == h2.iterations &&
+               h1.policy_failures == 0 && h2.policy_failures == 0 && often.policy_failures == 0 &&
+               rarely.policy_failures == 0,
+           "with a policy too, whatever the machine's load: hybrid twice gives the same run "
+           "(%.3f virtual s), and no policy call fails (%lld, %lld, %lld, %lld)", h1.clock,
+           h1.policy_failures, h2.policy_failures, often.policy_failures, rarely.policy_failures);
     tap_ok(often.requests_done == 400 && often.ft_forward_tokens > 0 &&
                often.clock != rarely.clock,
            "policy options reach the policy: temporal every 2 iterations and every 512 run "
