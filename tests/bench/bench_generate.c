@@ -7,6 +7,7 @@
  *
  * Only the public API is used. Timings are medians over --reps repetitions. */
 #include "flexllm.h"
+#include "expected_ids.h" /* tests/c: read_expected, argmax */
 
 #include <cjson/cJSON.h>
 #include <stdio.h>
@@ -44,13 +45,6 @@ static double median(const double *v, int n) {
     memcpy(s, v, sizeof(double) * n);
     qsort(s, n, sizeof(double), cmp_double);
     return n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
-}
-
-static int argmax(const float *x, int n) {
-    int b = 0;
-    for (int i = 1; i < n; i++)
-        if (x[i] > x[b]) b = i;
-    return b;
 }
 
 static void die(const char *what) {
@@ -164,20 +158,6 @@ static double llama2c_once(const char *cmd) {
     return pclose(p) == 0 ? v : -1;
 }
 
-static int read_ids(const char *path, int32_t *ids, int cap) {
-    FILE *f = path ? fopen(path, "rb") : NULL;
-    if (!f) return 0;
-    char buf[16384];
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
-    cJSON *arr = cJSON_Parse(buf), *it;
-    int count = 0;
-    cJSON_ArrayForEach(it, arr) if (count < cap) ids[count++] = (int32_t)it->valueint;
-    cJSON_Delete(arr);
-    return count;
-}
-
 static void from_bos(fl_context *ctx, const fl_config *c, const options *o, from_bos_result *r) {
     memset(r, 0, sizeof *r);
     int steps = o->from_bos_steps < c->max_seq_len ? o->from_bos_steps : c->max_seq_len;
@@ -185,7 +165,8 @@ static void from_bos(fl_context *ctx, const fl_config *c, const options *o, from
     int bos = c->bos_id >= 0 ? c->bos_id : 1;
     int32_t *ids = malloc(sizeof(int32_t) * steps), expect[1024];
     from_bos_once(ctx, c->vocab_size, bos, steps, ids); /* warm-up, and the ids to check */
-    int n_expect = read_ids(o->expect_path, expect, 1024);
+    int n_expect = o->expect_path ? read_expected(o->expect_path, expect, 1024) : 0;
+    if (n_expect < 0) n_expect = 0; /* unreadable: nothing checked, as without --expect */
     if (n_expect > steps) n_expect = steps;
     r->ids_checked = n_expect;
     while (r->ids_match < n_expect && ids[r->ids_match] == expect[r->ids_match]) r->ids_match++;
