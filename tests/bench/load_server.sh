@@ -35,25 +35,33 @@ server_rc=$?
 luajit - "$work/bench.json" "$work/rss.txt" "$out" "$server_rc" "$secs" "$rate" <<'LUA'
 local cjson = require "cjson"
 local bench_path, rss_path, out, rc, secs, rate = arg[1], arg[2], arg[3], tonumber(arg[4]), tonumber(arg[5]), tonumber(arg[6])
-local f = assert(io.open(bench_path)); local b = cjson.decode(f:read("*a")); f:close()
-local r = b.runs and b.runs[1] or b
+local f = assert(io.open(bench_path)); local r = cjson.decode(f:read("*a")).runs[1]; f:close()
 local samples = {}
 for line in io.lines(rss_path) do
   local t, kb = line:match("^(%S+) (%d+)$")
   if t then samples[#samples + 1] = { t = tonumber(t), kb = tonumber(kb) } end
 end
-local half = samples[math.floor(#samples / 2) + 1] or samples[1]
-local last = samples[#samples]
-local growth = (last.kb - half.kb) / math.max(last.t - half.t, 1e-9) -- KiB/s over the second half
+if #samples < 2 then io.stderr:write("load: fewer than two RSS samples in ", rss_path, "\n"); os.exit(1) end
+-- RSS growth over the second half of the run: the least-squares slope of its samples (the
+-- difference of two samples would measure where the garbage collector's sawtooth was).
+local mid, last = math.ceil(#samples / 2), samples[#samples]
+local n, mt, mk = #samples - mid + 1, 0, 0
+for i = mid, #samples do mt, mk = mt + samples[i].t / n, mk + samples[i].kb / n end
+local sxy, sxx = 0, 0
+for i = mid, #samples do
+  local dt = samples[i].t - mt
+  sxy, sxx = sxy + dt * (samples[i].kb - mk), sxx + dt * dt
+end
+local growth = sxy / sxx -- KiB/s
+-- Little's law: the requests' time in the server summed, over the run's time.
+local in_flight = r.completed > 0 and r.e2e_s.mean * r.completed / r.duration_s or 0
 local res = { seconds = secs, rate = rate, requests = r.requests, completed = r.completed, errors = r.errors,
               first_error = r.first_error, server_exit = rc, rss_kib_start = samples[1].kb,
-              rss_kib_mid = half.kb, rss_kib_end = last.kb, rss_growth_kib_per_s_second_half = growth,
-              ttft_p99 = r.ttft_s.p99, e2e_p99 = r.e2e_s.p99,
-              mean_concurrent_requests = r.e2e_s.mean * r.completed / secs }
+              rss_kib_mid = samples[mid].kb, rss_kib_end = last.kb, rss_growth_kib_per_s_second_half = growth,
+              ttft_p99 = r.ttft_s.p99, e2e_p99 = r.e2e_s.p99, mean_concurrent_requests = in_flight }
 local o = assert(io.open(out, "w")); o:write(cjson.encode(res), "\n"); o:close()
 print(("load: %d/%d completed, %d errors, server exit %d, %.1f requests in flight on average; "
   .. "RSS %d -> %d -> %d KiB (%.2f KiB/s over the second half)")
-  :format(r.completed, r.requests, r.errors, rc, res.mean_concurrent_requests, samples[1].kb, half.kb,
-          last.kb, growth))
+  :format(r.completed, r.requests, r.errors, rc, in_flight, samples[1].kb, samples[mid].kb, last.kb, growth))
 os.exit((r.errors == 0 and r.completed == r.requests and rc == 0) and 0 or 1)
 LUA
