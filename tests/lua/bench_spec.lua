@@ -3,15 +3,10 @@
 -- the request builder, SSE splitting, and the figures of a run.
 local trace = require "flexllm.trace"
 local bench = require "flexllm.bench"
+local scratch = require "scratch"
 
-local tmp = "build/tmp/bench_spec"
-os.execute("rm -rf " .. tmp .. " && mkdir -p " .. tmp)
-
-local function write(path, text)
-  local f = assert(io.open(path, "wb"))
-  f:write(text)
-  f:close()
-end
+local tmp = scratch.dir("bench_spec")
+local write = scratch.write
 
 -- numpy's linear percentile, straight from a sorted copy.
 local function reference_percentile(values, p)
