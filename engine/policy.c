@@ -473,7 +473,6 @@ const char *fl_policy_last_error(const fl_policy *pol) { return pol->error; }
 int fl_policy_failures(const fl_policy *pol) { return pol->failures; }
 int fl_policy_disabled(const fl_policy *pol) { return pol->disabled; }
 double fl_policy_last_seconds(const fl_policy *pol) { return pol->last_seconds; }
-const char *fl_policy_path(const fl_policy *pol) { return pol->path; }
 uint64_t fl_policy_hash(const fl_policy *pol) { return pol->hash; }
 
 uint64_t fl_policy_hash_file(const char *path) {

@@ -56,7 +56,6 @@ double fl_policy_last_seconds(const fl_policy *pol);    /* duration of the last 
  * fl_error when it has none, returned nil, or failed. */
 char *fl_policy_export(fl_policy *pol);
 
-const char *fl_policy_path(const fl_policy *pol);
 uint64_t fl_policy_hash(const fl_policy *pol); /* FNV-1a of the file's bytes */
 /* The same hash of a file as it is now (0 when it cannot be read). */
 uint64_t fl_policy_hash_file(const char *path);
