@@ -82,7 +82,8 @@ int main(void) {
     fputs("{\"fixed\": 0.001, \"per_token\": {\"prefill\": 1e-5}}", f);
     fclose(f);
     tap_ok(fl_sim_profile_load("build/tmp/bad_profile.json", &bad) == -1 &&
-               strstr(fl_last_error(), "bad_profile.json"),
+               strstr(fl_last_error(), "bad_profile.json") &&
+               strstr(fl_last_error(), "'per_context'"),
            "a profile with missing fields is refused with the file and field named (\"%s\")",
            fl_last_error());
     f = fopen("build/tmp/bad_profile.json", "wb");
