@@ -148,16 +148,10 @@ static int l_load_model(lua_State *L) {
     check_opts(L, 2);
     fl_model_params p = fl_model_default_params();
     p.n_threads = opt_int(L, 2, "threads", p.n_threads);
-    if (!lua_isnoneornil(L, 2)) {
-        lua_getfield(L, 2, "gemm");
-        const char *g = lua_tostring(L, -1);
-        if (g && strcmp(g, "openblas") == 0) p.gemm = FL_GEMM_OPENBLAS;
-        else if (g && strcmp(g, "packed") != 0)
-            return luaL_error(L, "option 'gemm' must be \"packed\" or \"openblas\", got \"%s\"", g);
-        lua_pop(L, 1);
-    }
+    static const char *const gemms[] = {"packed", "openblas", NULL}; /* fl_gemm */
     static const char *const devices[] = {"auto", "cpu", "cuda", NULL};
     static const char *const dtypes[] = {"auto", "bf16", "fp32", NULL}; /* fl_device_weights */
+    p.gemm = (fl_gemm)opt_choice(L, 2, "gemm", gemms);
     p.device = (fl_device)opt_choice(L, 2, "device", devices);
     p.device_weights = (fl_device_weights)opt_choice(L, 2, "device_weights", dtypes);
     fl_model *m = fl_model_load(dir, &p);
@@ -590,22 +584,17 @@ static int l_gen_active(lua_State *L) {
 
 /* -------------------------------------------------------------- finetuning */
 
-static int parse_optim(lua_State *L, int idx, fl_optim_params *o) {
-    const char *kind = opt_str(L, idx, "optimizer", "adamw");
-    if (strcmp(kind, "adamw") == 0) o->kind = FL_OPT_ADAMW;
-    else if (strcmp(kind, "sgd") == 0) o->kind = FL_OPT_SGD;
-    else return luaL_error(L, "option 'optimizer' must be \"adamw\" or \"sgd\", got \"%s\"", kind);
-    const char *sched = opt_str(L, idx, "schedule", "constant");
-    if (strcmp(sched, "constant") == 0) o->schedule = FL_SCHEDULE_CONSTANT;
-    else if (strcmp(sched, "cosine") == 0) o->schedule = FL_SCHEDULE_COSINE;
-    else return luaL_error(L, "option 'schedule' must be \"constant\" or \"cosine\", got \"%s\"", sched);
+static void parse_optim(lua_State *L, int idx, fl_optim_params *o) {
+    static const char *const kinds[] = {"adamw", "sgd", NULL};            /* fl_optimizer_kind */
+    static const char *const schedules[] = {"constant", "cosine", NULL}; /* fl_schedule */
+    o->kind = (fl_optimizer_kind)opt_choice(L, idx, "optimizer", kinds);
+    o->schedule = (fl_schedule)opt_choice(L, idx, "schedule", schedules);
     o->lr = (float)opt_num(L, idx, "lr", o->lr);
     o->weight_decay = (float)opt_num(L, idx, "weight_decay", o->weight_decay);
     o->momentum = (float)opt_num(L, idx, "momentum", o->momentum);
     o->clip_norm = (float)opt_num(L, idx, "clip", o->clip_norm);
     o->warmup_steps = opt_int(L, idx, "warmup", o->warmup_steps);
     o->min_lr_ratio = (float)opt_num(L, idx, "min_lr_ratio", o->min_lr_ratio);
-    return 0;
 }
 
 /* ctx:finetune{data=, out=, targets=, rank=, alpha=, dropout=, lr=, epochs=, seq_len=,
