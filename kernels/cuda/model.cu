@@ -285,10 +285,16 @@ struct fl_cuda_model {
     fl_cuda_lora *lora_table, *lora_host;
     float *slot_buf[FL_CUDA_ADAPTER_SLOTS];
     unsigned slot_targets[FL_CUDA_ADAPTER_SLOTS]; // 0: the slot is empty
-    int slot_rank[FL_CUDA_ADAPTER_SLOTS];
     float *lora_u; // [max_tokens, u_stride]: x @ A^T of each token
     int u_stride;
 };
+
+// The host mirror of the adapter table to the device.
+static int upload_table(fl_cuda_model *cm) {
+    size_t entries = (size_t)cm->w->cfg.n_layers * FL_LORA_N_TARGETS * FL_CUDA_ADAPTER_SLOTS;
+    return fl_cuda_upload(cm->lora_table, cm->lora_host, sizeof(fl_cuda_lora) * entries,
+                          cm->stream);
+}
 
 static int alloc_buffers(fl_cuda_model *cm) {
     const fl_cuda_weights *w = cm->w;
@@ -334,8 +340,7 @@ static int alloc_buffers(fl_cuda_model *cm) {
         !(cm->lora_host = (fl_cuda_lora *)fl_calloc(entries, sizeof(fl_cuda_lora))))
         return -1;
     // Every entry empty (A NULL): the kernels skip tokens of a slot without the target.
-    return fl_cuda_upload(cm->lora_table, cm->lora_host, sizeof(fl_cuda_lora) * entries,
-                          cm->stream);
+    return upload_table(cm);
 }
 
 extern "C" void fl_cuda_model_free(fl_cuda_model *cm) {
@@ -395,13 +400,6 @@ static void clear_slot(fl_cuda_model *cm, int slot) {
     for (int i = 0; i < n; i++) memset(&cm->lora_host[(size_t)i * FL_CUDA_ADAPTER_SLOTS + slot], 0,
                                        sizeof(fl_cuda_lora));
     cm->slot_targets[slot] = 0;
-    cm->slot_rank[slot] = 0;
-}
-
-static int upload_table(fl_cuda_model *cm) {
-    size_t entries = (size_t)cm->w->cfg.n_layers * FL_LORA_N_TARGETS * FL_CUDA_ADAPTER_SLOTS;
-    return fl_cuda_upload(cm->lora_table, cm->lora_host, sizeof(fl_cuda_lora) * entries,
-                          cm->stream);
 }
 
 // The slot's matrices into a fresh buffer, laid out A then B per layer and target.
@@ -440,7 +438,6 @@ static int fill_slot(fl_cuda_model *cm, int slot, const fl_cuda_adapter *a) {
         off += na + nb;
     }
     cm->slot_targets[slot] = targets;
-    cm->slot_rank[slot] = a->rank;
     return 0;
 }
 
@@ -457,12 +454,16 @@ extern "C" int fl_cuda_model_set_adapter(fl_cuda_model *cm, int slot, const fl_c
     clear_slot(cm, slot);
     int rc = 0;
     if (a && a->rank > cm->u_stride) { // every slot's rank fits the intermediate's rows
-        fl_cuda_free(cm->lora_u);
-        cm->u_stride = 0;
-        cm->lora_u = (float *)fl_cuda_alloc(sizeof(float) * cm->max_tokens * a->rank,
-                                            "LoRA intermediate");
-        if (cm->lora_u) cm->u_stride = a->rank;
-        else rc = -1;
+        // Replaced only once the larger one is had: the other slots keep working otherwise.
+        float *u = (float *)fl_cuda_alloc(sizeof(float) * cm->max_tokens * a->rank,
+                                          "LoRA intermediate");
+        if (u) {
+            fl_cuda_free(cm->lora_u);
+            cm->lora_u = u;
+            cm->u_stride = a->rank;
+        } else {
+            rc = -1;
+        }
     }
     if (rc == 0 && a) rc = fill_slot(cm, slot, a);
     if (rc != 0) { // the slot stays empty
