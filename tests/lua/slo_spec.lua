@@ -124,10 +124,15 @@ describe("slo.watch", function()
   local t = 0
   local clock = function() return t end
 
-  it("loads new content once it has stayed put for the debounce time", function()
-    write(path, "return { default = { ttft = 1 } }")
+  -- A watcher of the file holding `content`, on the fake clock, which is set to 0.
+  local function watching(content, debounce, interval)
+    write(path, content)
     t = 0
-    local w = assert(slo.watch(path, { debounce = 1, interval = 0, clock = clock }))
+    return assert(slo.watch(path, { debounce = debounce, interval = interval, clock = clock }))
+  end
+
+  it("loads new content once it has stayed put for the debounce time", function()
+    local w = watching("return { default = { ttft = 1 } }", 1, 0)
     assert.are.equal(1, w:rules():match({}).ttft)
     t = 0.5
     assert.is_false(w:poll()) -- unchanged
@@ -149,9 +154,7 @@ describe("slo.watch", function()
   end)
 
   it("keeps the old rules after a bad edit, with the reason, until the file is fixed", function()
-    write(path, "return { default = { ttft = 1 } }")
-    t = 0
-    local w = assert(slo.watch(path, { debounce = 0.2, interval = 0, clock = clock }))
+    local w = watching("return { default = { ttft = 1 } }", 0.2, 0)
     write(path, 'return { adapters = { ["math-lora"] = { tpot = "fast" } } }')
     t = 1; assert.is_false(w:poll())
     t = 2; assert.is_false(w:poll())
@@ -171,9 +174,7 @@ describe("slo.watch", function()
   end)
 
   it("reads the file at most once per interval", function()
-    write(path, "return {}")
-    t = 0
-    local w = assert(slo.watch(path, { debounce = 0, interval = 1, clock = clock }))
+    local w = watching("return {}", 0, 1)
     write(path, "return { default = { tpot = 0.5 } }")
     t = 0.9; assert.is_false(w:poll())
     t = 1.0; assert.is_true(w:poll())
@@ -238,8 +239,13 @@ describe("slo.tracker", function()
 end)
 
 describe("the example rules file", function()
-  it("parses", function()
+  it("parses into the rules its comments describe", function()
     local rules = assert(slo.load("examples/slo.lua"))
-    assert.is_true(#rules:list() >= 1)
+    local names = {}
+    for i, r in ipairs(rules:list()) do names[i] = r.name end
+    assert.are.same({ "default", "adapter:math-lora", "tenant:team-a" }, names)
+    local batch = rules:match { tenant = "team-a" } -- only the first token is bounded
+    assert.is_true(batch.ttft > 0)
+    assert.are.equal(0, batch.tpot)
   end)
 end)
