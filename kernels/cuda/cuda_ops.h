@@ -105,6 +105,17 @@ int fl_cuda_linear(fl_cuda_gemm *g, float *y, const float *x, const void *w, fl_
                    const float *bias, int n, int in, int out);
 /* y [n,out], x [n,in], w [out,in], bias [out] or NULL */
 
+/* Several linears of one input (q, k and v; gate and up), each as fl_cuda_linear: with bf16
+ * weights x is rounded to bf16 once for all of them. */
+typedef struct {
+    float *y;          /* [n, out] */
+    const void *w;     /* [out, in] as the call's wtype */
+    const float *bias; /* [out] or NULL */
+    int out;
+} fl_cuda_linear_out;
+int fl_cuda_linears(fl_cuda_gemm *g, const fl_cuda_linear_out *outs, int n_outs, const float *x,
+                    fl_cuda_dtype wtype, int n, int in); /* x [n,in] */
+
 /* ---------------------------------------------------------------- multi-LoRA
  * Every token carries an adapter index (-1: none); one launch for the shrink and one for
  * the expand serve all adapters of the batch (the SGMV/BGMV idea): each token gathers its

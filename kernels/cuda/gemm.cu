@@ -48,16 +48,37 @@ __global__ void add_bias_kernel(float *y, const float *bias, size_t total, int o
         y[i] += bias[i % out];
 }
 
-extern "C" int fl_cuda_linear(fl_cuda_gemm *g, float *y, const float *x, const void *w,
-                              fl_cuda_dtype wtype, const float *bias, int n, int in, int out) {
-    if (n < 0 || in <= 0 || out <= 0)
-        return fl_error("CUDA linear: n %d >= 0, in %d and out %d > 0 needed", n, in, out);
+// One GEMM of the staged input (x as the weights' dtype) into o->y, then o's bias.
+static int gemm_out(fl_cuda_gemm *g, const fl_cuda_linear_out *o, const void *xin,
+                    fl_cuda_dtype wtype, int n, int in) {
+    cudaDataType_t ab = wtype == FL_CUDA_BF16 ? CUDA_R_16BF : CUDA_R_32F;
+    const float one = 1.0f, zero = 0.0f;
+    // CUBLAS_COMPUTE_32F: fp32 products and sums, never TF32.
+    cublasStatus_t st = cublasGemmEx(g->handle, CUBLAS_OP_T, CUBLAS_OP_N, o->out, n, in, &one,
+                                     o->w, ab, in, xin, ab, in, &zero, o->y, CUDA_R_32F, o->out,
+                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (st != CUBLAS_STATUS_SUCCESS)
+        return fl_error("cuBLAS GemmEx for the linear [%d x %d] @ [%d x %d]^T (%s weights): %s", n,
+                        in, o->out, in, wtype == FL_CUDA_BF16 ? "bf16" : "fp32",
+                        cublasGetStatusString(st));
+    if (!o->bias) return 0;
+    size_t total = (size_t)n * o->out;
+    add_bias_kernel<<<fl_cuda_blocks(total, 256), 256, 0, g->stream>>>(o->y, o->bias, total,
+                                                                       o->out);
+    return fl_cuda_launched("linear bias");
+}
+
+extern "C" int fl_cuda_linears(fl_cuda_gemm *g, const fl_cuda_linear_out *outs, int n_outs,
+                               const float *x, fl_cuda_dtype wtype, int n, int in) {
+    for (int i = 0; i < n_outs; i++)
+        if (n < 0 || in <= 0 || outs[i].out <= 0)
+            return fl_error("CUDA linear: n %d >= 0, in %d and out %d > 0 needed", n, in,
+                            outs[i].out);
     if (wtype != FL_CUDA_F32 && wtype != FL_CUDA_BF16)
         return fl_error("CUDA linear: weight dtype %d is neither fp32 nor bf16", (int)wtype);
     if (n == 0) return 0;
     const void *xin = x;
-    cudaDataType_t ab = CUDA_R_32F;
-    if (wtype == FL_CUDA_BF16) {
+    if (wtype == FL_CUDA_BF16) { // rounded once for every output
         size_t nx = (size_t)n * in;
         if (nx > g->max_x)
             return fl_error("CUDA linear: %d x %d activations exceed the %zu the GEMM was "
@@ -65,19 +86,14 @@ extern "C" int fl_cuda_linear(fl_cuda_gemm *g, float *y, const float *x, const v
                             n, in, g->max_x);
         if (fl_cuda_f32_to_bf16(g->xb, x, nx, g->stream)) return -1;
         xin = g->xb;
-        ab = CUDA_R_16BF;
     }
-    const float one = 1.0f, zero = 0.0f;
-    // CUBLAS_COMPUTE_32F: fp32 products and sums, never TF32.
-    cublasStatus_t st =
-        cublasGemmEx(g->handle, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &one, w, ab, in, xin, ab, in,
-                     &zero, y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-    if (st != CUBLAS_STATUS_SUCCESS)
-        return fl_error("cuBLAS GemmEx for the linear [%d x %d] @ [%d x %d]^T (%s weights): %s", n,
-                        in, out, in, wtype == FL_CUDA_BF16 ? "bf16" : "fp32",
-                        cublasGetStatusString(st));
-    if (!bias) return 0;
-    size_t total = (size_t)n * out;
-    add_bias_kernel<<<fl_cuda_blocks(total, 256), 256, 0, g->stream>>>(y, bias, total, out);
-    return fl_cuda_launched("linear bias");
+    for (int i = 0; i < n_outs; i++)
+        if (gemm_out(g, &outs[i], xin, wtype, n, in)) return -1;
+    return 0;
+}
+
+extern "C" int fl_cuda_linear(fl_cuda_gemm *g, float *y, const float *x, const void *w,
+                              fl_cuda_dtype wtype, const float *bias, int n, int in, int out) {
+    fl_cuda_linear_out o = {y, w, bias, out};
+    return fl_cuda_linears(g, &o, 1, x, wtype, n, in);
 }

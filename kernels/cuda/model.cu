@@ -543,10 +543,13 @@ static int layer_forward(fl_cuda_model *cm, int l, int n, unsigned tg) {
     int D = c->dim, H = c->hidden_dim, Q = w->q_dim, KV = w->kv_dim;
     size_t stride = (size_t)cm->kv_pages * FL_KV_PAGE_TOKENS * KV;
     fl_kv_layer kv = {cm->k_pool + l * stride, cm->v_pool + l * stride, FL_KV_PAGE_TOKENS, KV};
+    const fl_cuda_linear_out qkv[3] = {{cm->q, L->wq.w, L->wq.b, Q},
+                                       {cm->k, L->wk.w, L->wk.b, KV},
+                                       {cm->v, L->wv.w, L->wv.b, KV}};
+    const fl_cuda_linear_out gate_up[2] = {{cm->gate, L->gate.w, NULL, H},
+                                           {cm->up, L->up.w, NULL, H}};
     return fl_cuda_rmsnorm_forward(cm->xb, cm->x, L->attn_norm, n, D, c->norm_eps, st) ||
-           fl_cuda_linear(g, cm->q, cm->xb, L->wq.w, wt, L->wq.b, n, D, Q) ||
-           fl_cuda_linear(g, cm->k, cm->xb, L->wk.w, wt, L->wk.b, n, D, KV) ||
-           fl_cuda_linear(g, cm->v, cm->xb, L->wv.w, wt, L->wv.b, n, D, KV) ||
+           fl_cuda_linears(g, qkv, 3, cm->xb, wt, n, D) ||
            lora(cm, tg, l, FL_LORA_Q, cm->q, cm->xb, D, Q, n) ||
            lora(cm, tg, l, FL_LORA_K, cm->k, cm->xb, D, KV, n) ||
            lora(cm, tg, l, FL_LORA_V, cm->v, cm->xb, D, KV, n) ||
@@ -559,8 +562,7 @@ static int layer_forward(fl_cuda_model *cm, int l, int n, unsigned tg) {
            lora(cm, tg, l, FL_LORA_O, cm->proj, cm->att, Q, D, n) ||
            fl_cuda_add_inplace(cm->x, cm->proj, (size_t)n * D, st) ||
            fl_cuda_rmsnorm_forward(cm->xb, cm->x, L->ffn_norm, n, D, c->norm_eps, st) ||
-           fl_cuda_linear(g, cm->gate, cm->xb, L->gate.w, wt, NULL, n, D, H) ||
-           fl_cuda_linear(g, cm->up, cm->xb, L->up.w, wt, NULL, n, D, H) ||
+           fl_cuda_linears(g, gate_up, 2, cm->xb, wt, n, D) ||
            lora(cm, tg, l, FL_LORA_GATE, cm->gate, cm->xb, D, H, n) ||
            lora(cm, tg, l, FL_LORA_UP, cm->up, cm->xb, D, H, n) ||
            fl_cuda_swiglu_forward(cm->gate, cm->gate, cm->up, (size_t)n * H, st) ||

@@ -1,9 +1,11 @@
 /* CUDA forward ops against the CPU reference (kernels/cpu) on random inputs at several
  * shapes, odd ones included: bf16 conversion, row gather, RMSNorm, RoPE, SwiGLU, add,
- * GEMM with fp32 and bf16 weights, multi-LoRA shrink/expand. Argument checks run
+ * GEMM with fp32 and bf16 weights (one output or several of one input), multi-LoRA
+ * shrink/expand. Argument checks run
  * everywhere; the rest skips without a device. */
 #include "cuda_test.h"
 #include "fl_internal.h"
+#include "model.h" /* fl_rope_inv_freq */
 
 #include <float.h>
 #include <string.h>
@@ -160,20 +162,18 @@ static void test_rmsnorm(void) {
     }
 }
 
-/* LLaMA-3.1's frequencies (theta 500000, factor 8, low 1, high 4, 8192 original positions):
- * realistic inputs; the op itself takes any inv_freq. */
+/* LLaMA-3.1's frequencies (theta 500000, llama3 rescaling: factor 8, low 1, high 4, 8192
+ * original positions), as the model loader makes them: realistic inputs; the op itself
+ * takes any inv_freq. */
 static void llama3_inv_freq(float *f, int head_dim) {
-    for (int i = 0; i < head_dim / 2; i++) {
-        float b = 1.0f / powf(500000.0f, (float)(2 * i) / (float)head_dim);
-        double wavelen = 2.0 * M_PI / b, low = 8192.0 / 1.0, high = 8192.0 / 4.0;
-        if (wavelen > low)
-            b /= 8.0f;
-        else if (wavelen >= high) {
-            double smooth = (8192.0 / wavelen - 1.0) / (4.0 - 1.0);
-            b = (float)((1.0 - smooth) * b / 8.0 + smooth * b);
-        }
-        f[i] = b;
-    }
+    fl_config c = {.head_dim = head_dim,
+                   .rope_theta = 500000.0f,
+                   .rope_scaling = FL_ROPE_SCALING_LLAMA3,
+                   .rope_factor = 8.0f,
+                   .rope_low_freq_factor = 1.0f,
+                   .rope_high_freq_factor = 4.0f,
+                   .rope_original_max_pos = 8192};
+    fl_rope_inv_freq(&c, f);
 }
 
 static void test_rope(void) {
@@ -290,6 +290,29 @@ static void test_gemm(void) {
                "(%.1e) and fp32 within bf16 tolerance (%.1e)",
                n, in, out, in, bias ? " + bias" : "", d16, dfull);
         free(got);
+
+        /* two outputs of a new input in one call (the forward's q/k/v, gate/up): the input
+         * rounded once serves both, the second without the bias */
+        float *x2 = ct_random(xs, -1.0f, 1.0f), *ref2 = malloc(sizeof(float) * ys);
+        round_bf16(x16, x2, xs);
+        fl_cpu_matmul(ref16, x16, w16, bias, n, in, out);
+        fl_cpu_matmul(ref2, x16, w16, NULL, n, in, out);
+        float *dx2 = ct_upload(x2, sizeof(float) * xs), *dy2 = ct_alloc(sizeof(float) * ys);
+        const fl_cuda_linear_out two[2] = {{dy, dw16, db, out}, {dy2, dw16, NULL, out}};
+        ct_check(fl_cuda_linears(g, two, 2, dx2, FL_CUDA_BF16, n, in), "linears bf16");
+        got = ct_download_on(dy, sizeof(float) * ys, st);
+        float *got2 = ct_download_on(dy2, sizeof(float) * ys, st);
+        double da = ct_diff(got, ref16, ys), db2 = ct_diff(got2, ref2, ys);
+        tap_ok(da < 5e-5 && db2 < 5e-5,
+               "linears: two outputs of one input [%d x %d], bf16 weights, match the CPU on "
+               "bf16 operands (%.1e%s, %.1e)",
+               n, in, da, bias ? " with bias" : "", db2);
+        free(got);
+        free(got2);
+        free(x2);
+        free(ref2);
+        fl_cuda_free(dx2);
+        fl_cuda_free(dy2);
         fl_cuda_free(dx);
         fl_cuda_free(dw);
         fl_cuda_free(db);
