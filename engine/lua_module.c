@@ -829,12 +829,8 @@ static int l_memory_plan(lua_State *L) {
     fl_config cfg;
     if (fl_config_load(path, &cfg) != 0) return fail(L);
     fl_plan_params pp = fl_plan_default_params();
-    if (!lua_isnoneornil(L, 2)) {
-        lua_getfield(L, 2, "targets");
-        const char *t = lua_tostring(L, -1);
-        if (t && fl_lora_parse_targets(t, &pp.targets) != 0) return fail(L);
-        lua_pop(L, 1);
-    }
+    const char *targets = opt_str(L, 2, "targets", NULL);
+    if (targets && fl_lora_parse_targets(targets, &pp.targets) != 0) return fail(L);
     pp.rank = opt_int(L, 2, "rank", pp.rank);
     pp.remat_q = opt_bool(L, 2, "remat_q", 0);
     pp.remat_gate_up = opt_bool(L, 2, "remat_gate_up", 0);
