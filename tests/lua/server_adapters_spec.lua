@@ -15,11 +15,13 @@ local function recorder()
   return loads, load, bytes
 end
 
-local function registry(budget, hooks)
+-- A registry on the recorder, knowing `known` (name -> dir) to begin with.
+local function registry(budget, hooks, known)
   local loads, load, bytes = recorder()
   local logged = {}
   local r = adapters.new({ load = load, bytes = bytes, budget = budget, hooks = hooks,
                            log = function(m) logged[#logged + 1] = m end })
+  for name, dir in pairs(known or {}) do assert(r:add(name, dir)) end
   return r, loads, logged
 end
 
@@ -38,8 +40,7 @@ end
 
 describe("the adapter registry", function()
   it("loads on first use only, and evicts the least recently used to fit the budget", function()
-    local r, loads = registry(300)
-    for _, n in ipairs({ "a", "b", "c", "d" }) do assert(r:add(n, "d100-" .. n)) end
+    local r, loads = registry(300, nil, { a = "d100-a", b = "d100-b", c = "d100-c", d = "d100-d" })
     use(r, "a")
     use(r, "b")
     use(r, "c")
@@ -55,11 +56,7 @@ describe("the adapter registry", function()
   end)
 
   it("evicts several small adapters for a large one, oldest first", function()
-    local r = registry(300)
-    assert(r:add("s1", "d100-1"))
-    assert(r:add("s2", "d100-2"))
-    assert(r:add("s3", "d100-3"))
-    assert(r:add("big", "d250"))
+    local r = registry(300, nil, { s1 = "d100-1", s2 = "d100-2", s3 = "d100-3", big = "d250" })
     use(r, "s1")
     use(r, "s2")
     use(r, "s3")
@@ -68,10 +65,7 @@ describe("the adapter registry", function()
   end)
 
   it("never evicts an adapter in use; with nothing evictable the request gets 503", function()
-    local r = registry(200)
-    assert(r:add("a", "d100-a"))
-    assert(r:add("b", "d100-b"))
-    assert(r:add("c", "d100-c"))
+    local r = registry(200, nil, { a = "d100-a", b = "d100-b", c = "d100-c" })
     local ha, ea = r:acquire("a")
     local hb, eb = r:acquire("b")
     assert.is_table(ha)
@@ -88,9 +82,7 @@ describe("the adapter registry", function()
   end)
 
   it("refuses an adapter larger than the whole budget, and names unknown and broken ones", function()
-    local r = registry(50)
-    assert(r:add("big", "d100"))
-    assert(r:add("bad", "broken"))
+    local r = registry(50, nil, { big = "d100", bad = "broken" })
     local h, msg, status = r:acquire("big")
     assert.is_nil(h)
     assert.are.equal(503, status)
@@ -107,8 +99,7 @@ describe("the adapter registry", function()
   end)
 
   it("keeps a removed adapter alive for the request using it, counted until released", function()
-    local r = registry(1000)
-    assert(r:add("a", "d100"))
+    local r = registry(1000, nil, { a = "d100" })
     local h, e = r:acquire("a")
     assert(r:remove("a"))
     assert.is_false(r:has("a"))
@@ -137,10 +128,7 @@ describe("the adapter registry", function()
     local r = registry(200, { choose_victim = function(list)
       seen = list
       return list[#list].name -- the most recently used
-    end })
-    assert(r:add("a", "d100-a"))
-    assert(r:add("b", "d100-b"))
-    assert(r:add("c", "d100-c"))
+    end }, { a = "d100-a", b = "d100-b", c = "d100-c" })
     use(r, "a")
     use(r, "b")
     use(r, "c")
@@ -148,9 +136,8 @@ describe("the adapter registry", function()
     assert.are.same({ "a", "b" }, { seen[1].name, seen[2].name }) -- least recently used first
     assert.are.equal(100, seen[1].bytes)
 
-    local bad, _, logged = registry(100, { choose_victim = function() return "zzz" end })
-    assert(bad:add("a", "d100-a"))
-    assert(bad:add("b", "d100-b"))
+    local bad, _, logged = registry(100, { choose_victim = function() return "zzz" end },
+      { a = "d100-a", b = "d100-b" })
     use(bad, "a")
     use(bad, "b")
     assert.are.same({ "b" }, resident(bad))
