@@ -395,13 +395,7 @@ local function http_run(reqs, o)
       end
     end
   end
-  local elapsed = now() - t0
-  for _, r in ipairs(records) do
-    if r.done and (r.chunks or 0) > 1 and r.tokens > 1 then
-      r.tpot = (r.last - r.first) / (r.tokens - 1)
-    end
-  end
-  return records, elapsed, cjson.null, { model_name = name }
+  return records, now() - t0, cjson.null, { model_name = name }
 end
 
 -- ------------------------------------------------------------------------- runs
