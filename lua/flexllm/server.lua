@@ -646,8 +646,7 @@ function M.run(opts)
   local srv, lerr = http.listen({ host = host, port = opts.port or 8000,
                                   max_body_bytes = opts.max_body_bytes or 64 * 1024 * 1024 })
   if not srv then return nil, ("cannot listen on %s:%s: %s"):format(host, tostring(opts.port or 8000), lerr) end
-  S.log(("model %s (%s chat template%s), data in %s"):format(S.model_dir, S.template.name,
-    S.template.name == "plain" and ": the model has none" or "", S.data_dir))
+  S.log(("model %s (%s), data in %s"):format(S.model_dir, S.template.note, S.data_dir))
   io.stdout:write(("listening on http://%s:%d\n"):format(host:find(":") and "[" .. host .. "]" or host, srv:port()))
   io.stdout:flush()
   while not core.signalled() do

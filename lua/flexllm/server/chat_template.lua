@@ -147,7 +147,8 @@ Template.__index = Template
 
 -- The template for a model folder: the user's file when given, else the built-in its
 -- tokenizer_config.json asks for. tok_info: { add_bos } of the tokenizer. Returns a
--- template, or nil and a message.
+-- template (name, end_of_turn texts, note: which one and why, for the server's log), or nil
+-- and a message.
 function M.for_model(dir, user_file, tok_info)
   local cfg, err = read_json(dir .. "/tokenizer_config.json")
   if err then return nil, err end
@@ -171,14 +172,6 @@ function M.for_model(dir, user_file, tok_info)
     or ("the model's chat template is %s"):format(name)
   return setmetatable({ name = name, fn = b.render, tokens = tokens, end_of_turn = b.end_of_turn,
                         note = note }, Template)
-end
-
--- A built-in by name, for tests and tools: tokens as for user templates.
-function M.builtin(name, tokens)
-  local b = builtin[name]
-  if not b then return nil, "unknown chat template " .. tostring(name) end
-  return setmetatable({ name = name, fn = b.render, tokens = tokens or {}, end_of_turn = b.end_of_turn },
-    Template)
 end
 
 -- Renders messages ({ role, content } with string contents). Returns the text, or nil and
