@@ -156,7 +156,6 @@ function M.new(opts)
                       on_job_done = S.hooks.on_job_done or function(job) publish(job.fine_tuned_model, job.adapter_dir) end })
   S.hist = { ttft = metrics.histogram(metrics.LATENCY_BUCKETS), tpot = metrics.histogram(metrics.LATENCY_BUCKETS),
              e2e = metrics.histogram(metrics.LATENCY_BUCKETS) }
-  S.policy_state = { path = opts.policy, last_error = nil }
   S.api_key = opts.api_key
   return S
 end
@@ -327,10 +326,10 @@ function Server:tick()
   if self.opts.policy then
     local ok, err = self.rt:poll_reload(M.TICK)
     if ok == nil then
-      if err ~= self.policy_state.last_error then self.log("policy reload failed: " .. tostring(err)) end
-      self.policy_state.last_error = err
+      if err ~= self.policy_error then self.log("policy reload failed: " .. tostring(err)) end
+      self.policy_error = err
     elseif ok then
-      self.policy_state.last_error = nil
+      self.policy_error = nil
       self.log("policy reloaded from " .. self.opts.policy)
     end
   end
@@ -348,7 +347,7 @@ local function admin_reload(S, req, w)
   local out, ok = { ok = true }, true
   if S.opts.policy then
     local rok, err = S.rt:reload(S.opts.policy)
-    S.policy_state.last_error = not rok and err or nil
+    S.policy_error = not rok and err or nil
     out.policy = { path = S.opts.policy, ok = rok == true, error = rok and R.null or err }
     ok = ok and rok == true
   else
@@ -401,7 +400,7 @@ local function admin_status(S, req, w)
   R.send_json(w, 200, {
     model = { id = S.base, dir = S.model_dir, chat_template = S.template.name, max_model_len = S.max_seq_len },
     policy = { path = S.opts.policy or R.null, disabled = st.policy_disabled,
-               last_error = S.policy_state.last_error or (st.policy_error ~= "" and st.policy_error) or R.null,
+               last_error = S.policy_error or (st.policy_error ~= "" and st.policy_error) or R.null,
                reloads = st.reloads, calls = st.policy_calls, failures = st.policy_failures,
                fallback_iterations = st.fallback_iterations },
     slo = { path = S.opts.slo or R.null, rules = S.slo_watch:rules():list(), reloads = S.slo_watch.reloads,

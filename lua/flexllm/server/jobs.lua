@@ -278,7 +278,7 @@ function Jobs:tick()
       local err = env.rt:job_error(j.engine_id)
       if job.status == "queued" and p.tokens > 0 then
         job.status = "running"
-        j.started, j.rate_t, j.rate_tokens = env.clock(), env.clock(), 0
+        j.rate_t, j.rate_tokens = env.clock(), 0
         add_event(j, env, "Fine-tuning job started")
       end
       if job.status == "running" then
