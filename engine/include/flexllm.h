@@ -234,7 +234,7 @@ fl_generator_params fl_generator_default_params(void);
 
 typedef struct {
     int request;
-    int32_t token;      /* -1 on an event that only finishes */
+    int32_t token;      /* the token sampled (an EOS finish carries the EOS token) */
     const char *text;   /* new text, valid until the next step */
     int text_len;
     fl_finish finish;   /* FL_FINISH_NONE while the request runs */

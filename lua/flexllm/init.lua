@@ -83,7 +83,7 @@ function Model:generate(prompts, opts, on_event)
     for _, ev in ipairs(events) do
       local i = index[ev.request]
       local r = results[i]
-      if ev.token >= 0 and not ev.eos then r.ids[#r.ids + 1] = ev.token end
+      if not ev.eos then r.ids[#r.ids + 1] = ev.token end
       r.text[#r.text + 1] = ev.text
       if ev.finish then r.finish = ev.finish end
       if on_event then on_event(i, ev) end

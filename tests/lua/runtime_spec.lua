@@ -60,7 +60,7 @@ describe("the runtime driven from Lua", function()
         local r = ev.request
         if tr.fin[r] or tr.gone[r] then tr.late[r] = (tr.late[r] or 0) + 1 end
         tr.ids[r] = tr.ids[r] or {}
-        if ev.token >= 0 then table.insert(tr.ids[r], ev.token) end
+        table.insert(tr.ids[r], ev.token)
         if ev.finish then tr.fin[r] = ev end
       end
     end
