@@ -3,19 +3,13 @@
 -- server reports.
 local fl = require "flexllm"
 
-local tmp = "build/tmp/runtime_spec"
-os.execute("rm -rf " .. tmp .. " && mkdir -p " .. tmp)
-assert(fl.init_model(tmp .. "/model", { dim = 64, hidden_dim = 160, n_layers = 2, n_heads = 4,
-                                        n_kv_heads = 2, seed = 9 }))
-local f = assert(io.open(tmp .. "/data.txt", "wb"))
-for _ = 1, 30 do f:write("a small cat sat on a small mat. ") end
-f:close()
+local tmp = require("tiny_model").setup("runtime_spec", 9, "a small cat sat on a small mat. ", 30)
 
 describe("the runtime driven from Lua", function()
   local model = assert(fl.load(tmp .. "/model"))
   local ctx = assert(model:context({ max_batch_tokens = 64 }))
 
-  local function drive(rt, ids)
+  local function drive(rt)
     local texts, done = {}, 0
     for _ = 1, 2000 do
       if rt:active() == 0 then break end
@@ -31,7 +25,7 @@ describe("the runtime driven from Lua", function()
     local plain = assert(ctx:runtime())
     local ids = {}
     for i = 1, 5 do ids[i] = assert(plain:submit(model:encode("a cat " .. i), { max_tokens = 10, ignore_eos = true })) end
-    local want = drive(plain, ids)
+    local want = drive(plain)
 
     local rt = assert(ctx:runtime({ policy = "policies/hybrid.lua", tpot_slo = 1.0, ttft_slo = 10 }))
     local job = assert(ctx:finetune({ data = tmp .. "/data.txt", out = tmp .. "/ad", rank = 2,
@@ -41,7 +35,7 @@ describe("the runtime driven from Lua", function()
       "this finetuning job runs in a runtime: step the runtime instead")
     local got_ids = {}
     for i = 1, 5 do got_ids[i] = assert(rt:submit(model:encode("a cat " .. i), { max_tokens = 10, ignore_eos = true })) end
-    local got, done = drive(rt, got_ids)
+    local got, done = drive(rt)
     assert.are.equal(5, done)
     for i = 1, 5 do assert.are.equal(want[ids[i]], got[got_ids[i]]) end
     local st = rt:stats()
