@@ -220,9 +220,8 @@ function M.drive(rt, reqs, o)
           open = open - 1
         end
       end
-      if o.job and rt:job_error(o.job_id) ~= "" and rt:job_error(o.job_id) ~= "cancelled" then
-        error("the finetuning job failed: " .. rt:job_error(o.job_id), 0)
-      end
+      local job_err = o.job and rt:job_error(o.job_id)
+      if job_err and job_err ~= "" and job_err ~= "cancelled" then error("the finetuning job failed: " .. job_err, 0) end
       if o.on_step then o.on_step(t, records, events, rt:stats()) end
     end
   end
