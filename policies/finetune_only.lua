@@ -15,8 +15,7 @@ function P.init(ctx)
 end
 
 function P.schedule()
-  local budget = state.max_batch_tokens
-  U.add_finetune(state, plan, budget, budget, U.backward_weight(state.cost))
+  U.add_finetune_budget(state, plan)
 end
 
 return P

@@ -98,16 +98,15 @@ local function by_time(tpot, decodes, context)
   end
   local prefills = prefill(left, normal)
   left = left - prefills
-  local weight = U.backward_weight(cost)
   if plan.n_items == 0 then
-    U.add_finetune(state, plan, budget, budget, weight)
+    U.add_finetune_budget(state, plan)
     return
   end
   local spare = limit - U.predict(cost, prefills, decodes, 0, 0, context, 0)
   local per = U.token_cost(cost, U.KIND_FT_FORWARD)
   -- Even with no forward room left in the batch, backward tokens may fit in the time.
   if spare > 0 then
-    U.add_finetune(state, plan, per > 0 and spare / per or left, left, weight,
+    U.add_finetune(state, plan, per > 0 and spare / per or left, left, U.backward_weight(cost),
                    U.backward_chunk_weight(cost))
   end
 end
@@ -121,7 +120,7 @@ local function by_tokens(tpot, decodes)
   local inference = max(left - reserve, 0)
   left = left - prefill(inference, inference)
   if plan.n_items == 0 then
-    U.add_finetune(state, plan, budget, budget, weight)
+    U.add_finetune_budget(state, plan)
   elseif tpot > 0 then
     local r = min(reserve, left)
     U.add_finetune(state, plan, r, r, weight)

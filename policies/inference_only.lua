@@ -13,9 +13,7 @@ function P.init(ctx)
 end
 
 function P.schedule()
-  local budget = state.max_batch_tokens
-  local decodes = U.add_decodes(state, plan, budget)
-  U.add_prefills(state, plan, budget - decodes)
+  U.add_inference(state, plan, state.max_batch_tokens)
 end
 
 return P

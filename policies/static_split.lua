@@ -19,9 +19,7 @@ end
 function P.schedule()
   local budget = state.max_batch_tokens
   local reserve = U.has_ft_work(state) and math.floor(share * budget) or 0
-  local inference = budget - reserve
-  local decodes = U.add_decodes(state, plan, inference)
-  U.add_prefills(state, plan, inference - decodes)
+  U.add_inference(state, plan, budget - reserve)
   if reserve > 0 then
     U.add_finetune(state, plan, reserve, reserve, U.backward_weight(state.cost))
   end

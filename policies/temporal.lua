@@ -26,27 +26,16 @@ function P.init(ctx)
   end
 end
 
-local function inference()
-  local budget = state.max_batch_tokens
-  local decodes = U.add_decodes(state, plan, budget)
-  U.add_prefills(state, plan, budget - decodes)
-end
-
-local function finetune()
-  local budget = state.max_batch_tokens
-  U.add_finetune(state, plan, budget, budget, U.backward_weight(state.cost))
-end
-
 function P.schedule()
   local iteration = tonumber(state.iteration)
   if iteration ~= last_iteration then
     count, last_iteration = count + 1, iteration
   end
-  if (count - 1) % every >= every - window then
-    if U.has_ft_work(state) then finetune() else inference() end
+  if (count - 1) % every >= every - window and U.has_ft_work(state) then
+    U.add_finetune_budget(state, plan)
   else
-    inference()
-    if plan.n_items == 0 then finetune() end
+    U.add_inference(state, plan, state.max_batch_tokens)
+    if plan.n_items == 0 then U.add_finetune_budget(state, plan) end
   end
 end
 

@@ -157,6 +157,13 @@ function M.add_prefills(state, plan, limit, accept, added, pages, seqs, admittin
   return added, pages, seqs, admitting
 end
 
+-- Decodes, then prefill chunks with admission (add_prefills), within limit tokens in all: the
+-- inference of inference_only. Returns the tokens added.
+function M.add_inference(state, plan, limit)
+  local decodes = M.add_decodes(state, plan, limit)
+  return decodes + (M.add_prefills(state, plan, limit - decodes))
+end
+
 -- Gives the jobs with work fair shares of units finetuning-forward-token equivalents: a
 -- forward token costs 1 unit, a backward token bwd_weight units, and a job that runs backward
 -- tokens bwd_chunk units more (0 when nil), so a share too small to pay that runs no backward
@@ -234,6 +241,13 @@ function M.add_finetune(state, plan, units, fwd_cap, bwd_weight, bwd_chunk)
   end
   plan.n_ft = out
   return fwd, bwd
+end
+
+-- The whole token budget to finetuning (add_finetune), backward tokens weighed by the cost
+-- model: the plan of finetune_only. Returns the forward and backward tokens added.
+function M.add_finetune_budget(state, plan)
+  local budget = state.max_batch_tokens
+  return M.add_finetune(state, plan, budget, budget, M.backward_weight(state.cost))
 end
 
 -- Checks a plan against the state with the runtime's rules (fl_sched_validate): capacities,
