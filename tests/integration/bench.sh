@@ -17,12 +17,8 @@ end
 LUA
 }
 
-if $FL bench --requests 6 --rate 20 --prompt-len 16 --output-len 8 --ttft-slo 5 --tpot-slo 1 \
-        --out "$TMP/one.json" >"$TMP/one.log" 2>&1; then
-    tap_ok "bench in process on the default model runs"
-else
-    tap_fail "bench in process: $(tail -5 "$TMP/one.log")"
-fi
+tap_run "bench in process on the default model runs" "$TMP/one.log" \
+    $FL bench --requests 6 --rate 20 --prompt-len 16 --output-len 8 --ttft-slo 5 --tpot-slo 1 --out "$TMP/one.json"
 tap_check "its JSON counts 6 requests, all completed, 8 tokens each, every figure there" check "$TMP/one.json" \
     'd.mode == "in-process" and #d.runs == 1' \
     'd.runs[1].requests == 6 and d.runs[1].completed == 6 and d.runs[1].errors == 0' \
@@ -39,12 +35,8 @@ fi
 
 # A finetuning job alongside, and a sweep over two rates.
 printf '{"prompt": "Q: sky? A:", "completion": " blue"}\n{"prompt": "Q: grass? A:", "completion": " green"}\n' > "$TMP/ft.jsonl"
-if $FL bench --rates 10,30 --requests 5 --prompt-len 12 --output-len 6 --finetune "$TMP/ft.jsonl" \
-        --out "$TMP/sweep.json" >"$TMP/sweep.log" 2>&1; then
-    tap_ok "bench --rates with --finetune runs"
-else
-    tap_fail "bench sweep: $(tail -5 "$TMP/sweep.log")"
-fi
+tap_run "bench --rates with --finetune runs" "$TMP/sweep.log" \
+    $FL bench --rates 10,30 --requests 5 --prompt-len 12 --output-len 6 --finetune "$TMP/ft.jsonl" --out "$TMP/sweep.json"
 tap_check "the sweep has a run per rate, each with its 5 requests and finetuning tokens" check "$TMP/sweep.json" \
     '#d.runs == 2 and d.runs[1].rate == 10 and d.runs[2].rate == 30' \
     'd.runs[1].completed == 5 and d.runs[2].completed == 5' \
@@ -69,12 +61,9 @@ if [ -f build/lib/flexllm/http.so ]; then
     for _ in $(seq 50); do [ -s "$TMP/fake.port" ] && break; sleep 0.1; done
     port=$(head -1 "$TMP/fake.port")
     printf '[{"prompt": "a fine prompt"}, {"prompt": "please REJECT this"}, {"prompt": "another one"}]' > "$TMP/prompts.json"
-    if $FL bench --url "http://127.0.0.1:$port" --api-key sekret --dataset "$TMP/prompts.json" --output-len 4 \
-            --requests 8 --rate 10 --seed 3 --ttft-slo 2 --tpot-slo 0.5 --out "$TMP/http.json" >"$TMP/http.log" 2>&1; then
-        tap_ok "bench over HTTP against the fake server runs"
-    else
-        tap_fail "bench over HTTP: $(tail -5 "$TMP/http.log")"
-    fi
+    tap_run "bench over HTTP against the fake server runs" "$TMP/http.log" \
+        $FL bench --url "http://127.0.0.1:$port" --api-key sekret --dataset "$TMP/prompts.json" --output-len 4 \
+            --requests 8 --rate 10 --seed 3 --ttft-slo 2 --tpot-slo 0.5 --out "$TMP/http.json"
     # The requests the trace holds that the fake rejects.
     rejects=$(luajit - "$TMP/prompts.json" <<'LUA'
 local b, t = require "flexllm.bench", require "flexllm.trace"

@@ -5,11 +5,7 @@ FL=bin/flexllm
 export FLEXLLM_HOME=$TMP/home # the default model, made for this test
 OUT=$TMP/demo
 
-if $FL demo --quick --out "$OUT" >"$TMP/demo.log" 2>&1; then
-    tap_ok "flexllm demo --quick runs to the end"
-else
-    tap_fail "flexllm demo --quick: $(tail -5 "$TMP/demo.log")"
-fi
+tap_run "flexllm demo --quick runs to the end" "$TMP/demo.log" $FL demo --quick --out "$OUT"
 for line in "SLO attainment" "TTFT p50" "finetuning: " "held-out loss" "base:" "adapter:" "summary: $OUT/summary.json"; do
     if grep -qF "$line" "$TMP/demo.log"; then tap_ok "the summary shows '$line'"
     else tap_fail "no '$line' in: $(cat "$TMP/demo.log")"; fi
