@@ -82,7 +82,6 @@ struct fl_runtime {
     fl_sched_plan plan;
     int cap_st_reqs, cap_st_jobs;
     int *st_job_slot;      /* job slot of each state.jobs entry */
-    int *st_req_slot;      /* index in reqs of each state.requests entry */
     const fl_adapter **adapters; /* adapter slots the state reports, in order of first use */
     int n_adapters;
     fl_cost_fit fit;
@@ -199,7 +198,6 @@ void fl_runtime_free(fl_runtime *rt) {
     free(rt->st.requests);
     free(rt->st.jobs);
     free(rt->st_job_slot);
-    free(rt->st_req_slot);
     free(rt->adapters);
     free(rt->plan.items);
     free(rt->plan.ft);
@@ -348,13 +346,21 @@ void fl_runtime_get_stats(const fl_runtime *rt, fl_runtime_stats *stats) {
 
 /* ------------------------------------------------------- the scheduling state */
 
+/* Drops finished and cancelled requests; their last events were returned already. */
+static void compact(fl_runtime *rt) {
+    int kept = 0;
+    for (int i = 0; i < rt->n_reqs; i++) {
+        if (rt->reqs[i].state == REQ_DONE) request_release(&rt->reqs[i]);
+        else rt->reqs[kept++] = rt->reqs[i];
+    }
+    rt->n_reqs = kept;
+}
+
 static int grow_state(fl_runtime *rt) {
     if (rt->n_reqs > rt->cap_st_reqs) {
         fl_sched_request *r = realloc(rt->st.requests, sizeof(*r) * (size_t)rt->n_reqs);
-        int *slot = realloc(rt->st_req_slot, sizeof(int) * (size_t)rt->n_reqs);
-        if (r) rt->st.requests = r;
-        if (slot) rt->st_req_slot = slot;
-        if (!r || !slot) return fl_error("out of memory for the scheduling state");
+        if (!r) return fl_error("out of memory for the scheduling state");
+        rt->st.requests = r;
         rt->cap_st_reqs = rt->n_reqs;
     }
     if (rt->n_jobs > rt->cap_st_jobs) {
@@ -405,7 +411,10 @@ static int job_entry(fl_runtime *rt, job_slot *s, fl_sched_job *e) {
     return 1;
 }
 
+/* The state's requests are reqs in order, done ones dropped first: a plan item's request
+ * index is an index into reqs. */
 static int fill_state(fl_runtime *rt) {
+    compact(rt);
     if (grow_state(rt) != 0) return -1;
     fl_sched_state *st = &rt->st;
     st->now = now_s() - rt->clock0;
@@ -420,12 +429,10 @@ static int fill_state(fl_runtime *rt) {
             rt->st_job_slot[st->n_jobs++] = j;
     st->kv_pages_free = rt->ctx->n_pages - rt->reserved_pages;
     st->seqs_free = fl_seqs_free(rt->ctx);
-    st->n_requests = 0;
+    st->n_requests = rt->n_reqs;
     for (int i = 0; i < rt->n_reqs; i++) {
         const request *r = &rt->reqs[i];
-        if (r->state == REQ_DONE) continue;
-        rt->st_req_slot[st->n_requests] = i;
-        fl_sched_request *e = &st->requests[st->n_requests++];
+        fl_sched_request *e = &st->requests[i];
         int running = r->state == REQ_RUNNING;
         /* Tokens it recomputes count as prompt (see fl_sched.h). */
         *e = (fl_sched_request){.id = r->id, .adapter = r->adapter_slot,
@@ -531,7 +538,7 @@ static int build_batch(fl_runtime *rt, int *n_rows) {
     int n = 0, rows = 0;
     for (int i = 0; i < rt->plan.n_items; i++) {
         const fl_sched_item *it = &rt->plan.items[i];
-        request *r = &rt->reqs[rt->st_req_slot[it->request]];
+        request *r = &rt->reqs[it->request];
         if (r->state == REQ_QUEUED && admit(rt, r) != 0) return -1;
         if (r->n_prefilled == r->n_fill) { /* decode the last sampled token */
             push(rt, &n, r->tokens[r->n_tokens - 1], r->seq, r->n_tokens - 1, 1, r->p.adapter);
@@ -672,7 +679,7 @@ int fl_runtime_cancel(fl_runtime *rt, int id) {
         request *r = &rt->reqs[i];
         if (r->id != id || r->state == REQ_DONE) continue;
         if (r->state == REQ_RUNNING) release(rt, r);
-        r->state = REQ_DONE; /* released by the next step, like a finished request */
+        r->state = REQ_DONE; /* released when the state is filled next, like a finished one */
         rt->stats.requests_cancelled++;
         return 0;
     }
@@ -725,19 +732,8 @@ static int accept_token(fl_runtime *rt, int *n_ev, request *r, int32_t tok, doub
     return add_event(rt, n_ev, r, tok, r->text_len - held_back(r)) ? 0 : -1;
 }
 
-/* Drops finished requests; their last events were returned by the previous step. */
-static void compact(fl_runtime *rt) {
-    int kept = 0;
-    for (int i = 0; i < rt->n_reqs; i++) {
-        if (rt->reqs[i].state == REQ_DONE) request_release(&rt->reqs[i]);
-        else rt->reqs[kept++] = rt->reqs[i];
-    }
-    rt->n_reqs = kept;
-}
-
 int fl_runtime_step(fl_runtime *rt, const fl_gen_event **events) {
     int n_rows = 0, n_ev = 0;
-    compact(rt);
     rt->event_text_len = 0;
     *events = NULL;
     double t0 = now_s();
