@@ -413,22 +413,15 @@ const fl_sample *fl_dataset_get(const fl_dataset *ds, int i) {
 
 /* --------------------------------------------------------------- order */
 
-static uint64_t splitmix64(uint64_t *state) {
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-}
-
 /* Fisher-Yates with our own generator, so an epoch's order is the same everywhere.
  * The modulo's bias is below count / 2^64: negligible. */
 void fl_dataset_order(const fl_dataset *ds, uint64_t seed, int epoch, int *order) {
     int n = fl_dataset_count(ds);
     uint64_t mix = seed;
-    uint64_t state = splitmix64(&mix) ^ (uint64_t)(int64_t)epoch * 0xD1B54A32D192ED03ULL;
+    uint64_t state = fl_splitmix64(&mix) ^ (uint64_t)(int64_t)epoch * 0xD1B54A32D192ED03ULL;
     for (int i = 0; i < n; i++) order[i] = i;
     for (int i = n - 1; i > 0; i--) {
-        int j = (int)(splitmix64(&state) % (uint64_t)(i + 1));
+        int j = (int)(fl_splitmix64(&state) % (uint64_t)(i + 1));
         int t = order[i];
         order[i] = order[j];
         order[j] = t;

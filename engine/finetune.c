@@ -40,7 +40,7 @@ fl_finetune_params fl_finetune_default_params(void) {
 }
 
 
-static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
+static char *dup_or_null(const char *s) { return s ? fl_strdup(s) : NULL; }
 
 /* ------------------------------------------------------------ checkpoints */
 

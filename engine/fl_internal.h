@@ -14,6 +14,8 @@ int fl_error_prefix(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* malloc/calloc that report the size that failed through fl_error. */
 void *fl_malloc(size_t n);
 void *fl_calloc(size_t count, size_t size);
+/* A copy of s, reporting a failed allocation through fl_error. */
+char *fl_strdup(const char *s);
 
 /* Reads a whole file into a NUL-terminated buffer (free() it). NULL + error on failure. */
 char *fl_read_file(const char *path, size_t *len);
@@ -29,5 +31,14 @@ int fl_make_dirs(const char *dir);
 float fl_f16_to_f32(uint16_t h);
 float fl_bf16_to_f32(uint16_t b);
 uint16_t fl_f32_to_bf16(float f);
+
+/* splitmix64: advances *state and returns the next output. The engine's seeded streams
+ * (initial weights, LoRA A, dropout hashes, epoch orders) all draw from it. */
+static inline uint64_t fl_splitmix64(uint64_t *state) {
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
 
 #endif

@@ -318,13 +318,6 @@ static int write_tokenizer(const char *dir, const fl_init_model_params *p) {
 
 /* --------------------------------------------------------------- weights */
 
-static uint64_t splitmix64(uint64_t *state) {
-    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 /* Near-normal values into x[n]: each is the sum of four 16-bit uniforms
  * (Irwin-Hall), centred and scaled to the given std. Integer sums and one
  * correctly rounded multiply make the bytes the same on every IEEE platform
@@ -333,7 +326,7 @@ static void fill_normal(float *x, size_t n, double std, uint64_t state) {
     /* (k + 0.5) / 65536 has mean 1/2 and variance ~1/12: the sum of four is 2 +- 1/sqrt(3). */
     double scale = std * sqrt(3.0) / 65536.0;
     for (size_t i = 0; i < n; i++) {
-        uint64_t r = splitmix64(&state);
+        uint64_t r = fl_splitmix64(&state);
         int64_t s = (int64_t)(r & 0xffff) + (int64_t)(r >> 16 & 0xffff) +
                     (int64_t)(r >> 32 & 0xffff) + (int64_t)(r >> 48);
         x[i] = (float)((double)(s - 131070) * scale);
@@ -347,7 +340,7 @@ static void fill_tensor(float *x, size_t n, double std, uint64_t seed, int tenso
 #pragma omp parallel for schedule(static)
     for (long c = 0; c < n_chunks; c++) {
         uint64_t key = seed ^ ((uint64_t)(tensor + 1) << 40) ^ (uint64_t)c;
-        uint64_t state = splitmix64(&key);
+        uint64_t state = fl_splitmix64(&key);
         size_t begin = (size_t)c * CHUNK, len = n - begin < CHUNK ? n - begin : CHUNK;
         fill_normal(x + begin, len, std, state);
     }

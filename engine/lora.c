@@ -153,14 +153,12 @@ size_t fl_adapter_n_params(const fl_adapter *a) { return a ? a->n_params : 0; }
 
 /* ------------------------------------------------ initialisation, dropout */
 
-static uint64_t mix64(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+/* Folds one more word into a hash: splitmix64's next output from the state h ^ x (its
+ * golden-ratio step keeps zero from mapping to zero). */
+static uint64_t hash_in(uint64_t h, uint64_t x) {
+    uint64_t state = h ^ x;
+    return fl_splitmix64(&state);
 }
-
-/* Folds one more word into a hash (the golden-ratio add keeps zero from mapping to zero). */
-static uint64_t hash_in(uint64_t h, uint64_t x) { return mix64((h ^ x) + 0x9e3779b97f4a7c15ull); }
 
 /* Domain tags keep A's streams and the dropout masks apart for the same seed. */
 #define TAG_INIT 0x696e6974ull
@@ -174,8 +172,7 @@ static void init_a(fl_lora_weight *w, int rank, uint64_t seed, int layer, int t)
     float bound = 1.0f / sqrtf((float)w->in);
     size_t n = (size_t)rank * (size_t)w->in;
     for (size_t i = 0; i < n; i++) {
-        state += 0x9e3779b97f4a7c15ull;
-        double u = (double)(mix64(state) >> 11) * 0x1p-53; /* [0, 1) */
+        double u = (double)(fl_splitmix64(&state) >> 11) * 0x1p-53; /* [0, 1) */
         w->A[i] = (float)((2.0 * u - 1.0) * bound);
     }
 }

@@ -62,13 +62,6 @@ static const char *dtype_name(fl_dtype d) {
     return "?";
 }
 
-static char *dup_str(const char *s) {
-    size_t n = strlen(s) + 1;
-    char *d = fl_malloc(n);
-    if (d) memcpy(d, s, n);
-    return d;
-}
-
 static void shape_str(const int64_t *shape, int ndim, char *out, size_t cap) {
     size_t n = (size_t)snprintf(out, cap, "[");
     for (int i = 0; i < ndim && n < cap; i++)
@@ -344,7 +337,7 @@ static int add_file(fl_st_set *set, const char *path) {
     set->files = files;
     st_file *f = &files[set->n_files];
     memset(f, 0, sizeof *f);
-    f->path = dup_str(path);
+    f->path = fl_strdup(path);
     if (!f->path) return -1;
     set->n_files++;
     return open_file(set, f);
@@ -441,14 +434,14 @@ fl_st_set *fl_st_open(const char *path) {
     if (S_ISDIR(st.st_mode)) {
         rc = fl_path_join(buf, sizeof buf, path, ST_INDEX_NAME);
         if (!rc && fl_file_exists(buf)) {
-            rc = (set->source = dup_str(buf)) ? open_sharded(set, path) : -1;
+            rc = (set->source = fl_strdup(buf)) ? open_sharded(set, path) : -1;
         } else if (!rc) {
             rc = fl_path_join(buf, sizeof buf, path, ST_SINGLE_NAME);
-            if (!rc) rc = (set->source = dup_str(buf)) ? add_file(set, buf) : -1;
+            if (!rc) rc = (set->source = fl_strdup(buf)) ? add_file(set, buf) : -1;
             if (!rc) rc = sort_and_check_unique(set);
         }
     } else {
-        rc = (set->source = dup_str(path)) ? add_file(set, path) : -1;
+        rc = (set->source = fl_strdup(path)) ? add_file(set, path) : -1;
         if (!rc) rc = sort_and_check_unique(set);
     }
     if (rc) {

@@ -176,13 +176,6 @@ static int json_id(const cJSON *v, int32_t *id) {
     return 0;
 }
 
-static char *dup_str(const char *s) {
-    size_t n = strlen(s) + 1;
-    char *d = fl_malloc(n);
-    if (d) memcpy(d, s, n);
-    return d;
-}
-
 static void set_text(fl_tokenizer *t, int32_t id, const char *s, uint8_t attr) {
     if (t->text_off[id] == NO_TEXT) {
         size_t n = strlen(s);
@@ -370,7 +363,7 @@ static int add_norm(fl_tokenizer *t, tok_norm_kind kind, const char *from, const
     if (t->n_norms == TOK_MAX_NORMS) return fl_error("%s: more than %d normalizers", path, TOK_MAX_NORMS);
     tok_norm *n = &t->norms[t->n_norms++];
     n->kind = kind;
-    if ((from && !(n->from = dup_str(from))) || (to && !(n->to = dup_str(to)))) return -1;
+    if ((from && !(n->from = fl_strdup(from))) || (to && !(n->to = fl_strdup(to)))) return -1;
     return 0;
 }
 
@@ -480,7 +473,7 @@ static int parse_decoder(fl_tokenizer *t, const cJSON *d, dec_spec *ds) {
         const char *from = json_str(cJSON_GetObjectItemCaseSensitive(d, "pattern"), "String");
         const char *to = json_str(d, "content");
         if (!from || !*from || !to || ds->from) return fl_error("%s: decoder Replace: only one, with pattern.String, is supported", path);
-        if (!(ds->from = dup_str(from)) || !(ds->to = dup_str(to))) return -1;
+        if (!(ds->from = fl_strdup(from)) || !(ds->to = fl_strdup(to))) return -1;
         return 0;
     }
     if (!strcmp(type, "Strip")) {

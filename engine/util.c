@@ -51,6 +51,13 @@ void *fl_calloc(size_t count, size_t size) {
     return p;
 }
 
+char *fl_strdup(const char *s) {
+    size_t n = strlen(s) + 1;
+    char *d = fl_malloc(n);
+    if (d) memcpy(d, s, n);
+    return d;
+}
+
 char *fl_read_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) {
