@@ -128,12 +128,12 @@ build/tests/cuda_%: tests/cuda/%.c tests/c/tap.h tests/c/expected_ids.h $(wildca
 
 # The engine's cuda path on a CPU stand-in for the backend (MOCK_TESTS): it needs no device,
 # so it is built in every configuration, with and without ASan.
-build/tests/test_cuda_mock: tests/cuda/mock_backend.c tests/c/tap.h $(wildcard tests/cuda/*.h) $(LIB)
+MOCK_DEPS := tests/cuda/mock_backend.c tests/c/tap.h $(wildcard tests/cuda/*.h kernels/cuda/*.h)
+build/tests/test_cuda_mock: $(MOCK_DEPS) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_FL) $(OPT) -Itests/c $< -o $@ $(LIB) $(LIBS)
 
-build/asan/tests/test_cuda_mock: tests/cuda/mock_backend.c tests/c/tap.h $(wildcard tests/cuda/*.h) \
-  build/asan/libflexllm.a
+build/asan/tests/test_cuda_mock: $(MOCK_DEPS) build/asan/libflexllm.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_FL) -O1 $(SAN) -Itests/c $< -o $@ build/asan/libflexllm.a $(LIBS)
 
