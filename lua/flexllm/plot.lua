@@ -7,7 +7,7 @@ local function shell_quote(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
 local function gp_string(s) return '"' .. tostring(s):gsub('[\\"]', "\\%0") .. '"' end
 local function gp_file(s) return "'" .. s:gsub("'", "''") .. "'" end
 
-function M.available() return os.execute("command -v gnuplot >/dev/null 2>&1") == 0 end
+local function gnuplot_installed() return os.execute("command -v gnuplot >/dev/null 2>&1") == 0 end
 
 local function number(v)
   if v ~= v then return "NaN" end
@@ -54,13 +54,13 @@ function M.render(spec)
     end
     if #lines > 0 then panels[#panels + 1] = { p = p, lines = lines } end
   end
-  local height = spec.height or math.max(1, #panels) * 300
+  local width, height = 900, math.max(1, #panels) * 300
   local gp = {
     "# gnuplot " .. script_path .. " renders " .. spec.png,
     'if (strstrt(GPVAL_TERMINALS, "pngcairo") > 0) {',
-    ("  set terminal pngcairo size %d,%d noenhanced font \",10\""):format(spec.width or 900, height),
+    ("  set terminal pngcairo size %d,%d noenhanced font \",10\""):format(width, height),
     "} else {",
-    ("  set terminal png size %d,%d noenhanced"):format(spec.width or 900, height),
+    ("  set terminal png size %d,%d noenhanced"):format(width, height),
     "}",
     "set output " .. gp_file(spec.png),
     "set grid",
@@ -91,7 +91,7 @@ function M.render(spec)
   local res = { data = data_path, script = script_path }
   if #panels == 0 then
     res.note = "nothing to plot"
-  elseif not M.available() then
+  elseif not gnuplot_installed() then
     res.note = ("gnuplot is not installed: the data is in %s; render it later with `gnuplot %s`")
       :format(data_path, script_path)
   else
