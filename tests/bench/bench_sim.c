@@ -89,8 +89,9 @@ static fl_sim_stats run(const fl_sim_profile *prof, const char *policy, const ch
     return after;
 }
 
-/* The policy's time per call on a state of 256 requests and one job. */
-static double policy_us(const char *path) {
+/* The policy's time per call on a state of 256 requests and one job, the profile's
+ * machine and its cost as a fitted model. */
+static double policy_us(const char *path, const fl_sim_profile *prof) {
     static fl_sched_request reqs[256];
     static fl_sched_job job;
     static fl_sched_item items[1024];
@@ -102,12 +103,13 @@ static double policy_us(const char *path) {
                                      .pages_needed = 50, .arrival = i * 0.01, .first_token = -1,
                                      .last_token = -1, .ttft_slo = TTFT, .tpot_slo = TPOT};
     job = (fl_sched_job){.id = 0, .phase = FL_JOB_FORWARD, .sample_len = 2048, .adapter = -1};
-    fl_sched_state st = {.now = 5, .max_batch_tokens = 1024, .kv_pages_free = 4000,
-                         .kv_pages_total = 26700, .seqs_free = 56, .n_requests = 256,
-                         .requests = reqs, .n_jobs = 1, .jobs = &job, .ttft_slo = TTFT,
-                         .tpot_slo = TPOT,
-                         .cost = {.fixed = 0.0065, .per_token = {2.7e-5, 2.7e-5, 2.9e-5, 3.2e-5},
-                                  .per_context = 4.9e-8, .fitted = 100}};
+    fl_sched_state st = {.now = 5, .max_batch_tokens = prof->max_batch_tokens,
+                         .kv_pages_free = 4000, .kv_pages_total = prof->kv_pages, .seqs_free = 56,
+                         .n_requests = 256, .requests = reqs, .n_jobs = 1, .jobs = &job,
+                         .ttft_slo = TTFT, .tpot_slo = TPOT,
+                         .cost = {.fixed = prof->fixed, .per_context = prof->per_context,
+                                  .per_backward_chunk = prof->per_backward_chunk, .fitted = 100}};
+    memcpy(st.cost.per_token, prof->per_token, sizeof st.cost.per_token);
     fl_sched_plan plan = {.cap_items = 1024, .items = items, .cap_ft = 1, .ft = ft};
     fl_policy_params pp = fl_policy_default_params();
     pp.time_budget = 0.1;
@@ -185,9 +187,10 @@ int main(int argc, char **argv) {
     cJSON_AddNumberToObject(root, "finetune_only_tokens_per_s", ft_only.ft_forward_tokens / TRACE_SECONDS);
     printf("\npolicy time per call, 256 requests in the state (JIT off, as the host runs it):\n");
     cJSON *over = cJSON_AddArrayToObject(root, "policy_overhead");
-    double iter = 0.0065 + 1024 * 2.7e-5; /* a full iteration at 8B scale */
+    /* a full prefill iteration at 8B scale */
+    double iter = prof.fixed + prof.max_batch_tokens * prof.per_token[FL_KIND_PREFILL];
     for (int k = 0; k < n_pol; k += (k == 0 ? 1 : 3)) {
-        double us = policy_us(pol[k].file);
+        double us = policy_us(pol[k].file, &prof);
         printf("  %-18s %7.1f us = %.2f%% of a %.1f ms iteration\n", pol[k].name, us,
                100 * us * 1e-6 / iter, iter * 1e3);
         cJSON *o = cJSON_CreateObject();
