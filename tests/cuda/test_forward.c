@@ -10,7 +10,6 @@
 #include "device_path.h"
 #include "expected_ids.h"
 
-#include <cjson/cJSON.h>
 #include <string.h>
 
 static fl_model *load(const char *dir, fl_device device) {

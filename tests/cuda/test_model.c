@@ -8,7 +8,6 @@
 #include "cuda_test.h"
 #include "expected_ids.h"
 
-#include <cjson/cJSON.h>
 #include <string.h>
 #include <unistd.h>
 
