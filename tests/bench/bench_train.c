@@ -149,13 +149,11 @@ int main(int argc, char **argv) {
     }
     char *text = cJSON_Print(root);
     FILE *f = fopen(out, "wb");
-    if (f) {
-        fputs(text, f);
-        fputc('\n', f);
-        fclose(f);
-    }
-    printf("wrote %s\n", out);
+    int ok = f && fputs(text, f) >= 0 && fputc('\n', f) != EOF;
+    if (f && fclose(f) != 0) ok = 0;
+    if (ok) printf("wrote %s\n", out);
+    else fprintf(stderr, "bench_train: cannot write %s\n", out);
     free(text);
     cJSON_Delete(root);
-    return 0;
+    return ok ? 0 : 1;
 }
