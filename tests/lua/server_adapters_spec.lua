@@ -148,13 +148,11 @@ end)
 describe("the registry with real adapters", function()
   it("loads PEFT folders with model:load_adapter and sizes them with adapter:info()", function()
     local fl = require "flexllm"
-    local tmp = "build/tmp/server_adapters_spec"
-    os.execute("rm -rf " .. tmp .. " && mkdir -p " .. tmp)
+    local scratch = require "scratch"
+    local tmp = scratch.dir("server_adapters_spec")
     assert(fl.init_model(tmp .. "/m", { dim = 32, hidden_dim = 64, n_layers = 1, n_heads = 2, n_kv_heads = 1 }))
     local model = assert(fl.load(tmp .. "/m"))
-    local f = assert(io.open(tmp .. "/data.txt", "wb"))
-    f:write(("abc "):rep(100))
-    f:close()
+    scratch.write(tmp .. "/data.txt", ("abc "):rep(100))
     for i, rank in ipairs({ 2, 4 }) do
       local job = assert(model:context():finetune({ data = tmp .. "/data.txt", out = tmp .. "/job" .. i, rank = rank }))
       assert(job:adapter():save(tmp .. "/a" .. i, tmp .. "/m"))

@@ -3,9 +3,10 @@
 -- models without one; user templates from a Lua file.
 local T = require "flexllm.server.chat_template"
 local cjson = require "cjson.safe"
+local scratch = require "scratch"
 
-local tmp = "build/tmp/server_chat_template_spec"
-os.execute("rm -rf " .. tmp .. " && mkdir -p " .. tmp)
+local tmp = scratch.dir("server_chat_template_spec")
+local write = scratch.write
 
 -- The chat_template strings of the models' tokenizer_config.json files.
 local HF = {
@@ -43,12 +44,6 @@ local CONVERSATIONS = {
     { role = "assistant", content = "Hello. " }, { role = "user", content = "What is 2+2?" } },
   { { role = "user", content = "One" }, { role = "assistant", content = "Two" }, { role = "user", content = "Three" } },
 }
-
-local function write(path, s)
-  local f = assert(io.open(path, "wb"))
-  f:write(s)
-  f:close()
-end
 
 local has_jinja = os.execute("python3 -c 'import jinja2' 2>/dev/null") == 0
 

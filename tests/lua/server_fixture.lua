@@ -2,20 +2,16 @@
 -- requests, and a loop that runs the server until an answer is complete.
 local fl = require "flexllm"
 local cjson = require "cjson.safe"
+local scratch = require "scratch"
 
 local M = {}
 
-M.tmp = "build/tmp/server_spec"
-os.execute("rm -rf " .. M.tmp .. " && mkdir -p " .. M.tmp)
+M.tmp = scratch.dir("server_spec")
 M.model_dir = M.tmp .. "/tiny"
 assert(fl.init_model(M.model_dir, { dim = 64, hidden_dim = 160, n_layers = 2, n_heads = 4, n_kv_heads = 2,
                                    seed = 4, max_seq_len = 256 }))
 
-function M.write(path, text)
-  local f = assert(io.open(path, "wb"))
-  f:write(text)
-  f:close()
-end
+M.write = scratch.write
 
 -- A writer that records the answer (see server_writer.lua): F.writer(gone_after).
 M.writer = require "server_writer"

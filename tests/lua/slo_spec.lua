@@ -1,15 +1,10 @@
 -- SLO rules files: parsing in a sandbox, strict validation, matching precedence, hot
 -- reload with debounce (on a fake clock), and the attainment tracker.
 local slo = require "flexllm.slo"
+local scratch = require "scratch"
 
-local tmp = "build/tmp/slo_spec"
-os.execute("rm -rf " .. tmp .. " && mkdir -p " .. tmp)
-
-local function write(path, text)
-  local f = assert(io.open(path, "wb"))
-  f:write(text)
-  f:close()
-end
+local tmp = scratch.dir("slo_spec")
+local write = scratch.write
 
 local RULES = [[
 return {
