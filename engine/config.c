@@ -9,24 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The JSON text of a value, for messages; long values are cut. */
-static void describe(const cJSON *v, char *out, size_t cap) {
-    char *s = cJSON_PrintUnformatted(v);
-    if (!s) {
-        snprintf(out, cap, "?");
-        return;
-    }
-    if (strlen(s) > 60) memcpy(s + 57, "...", 4);
-    snprintf(out, cap, "%s", s);
-    free(s);
-}
-
-/* Absent and null both mean "not given", as in HF's config classes. */
-static const cJSON *field(const cJSON *obj, const char *key) {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
-    return cJSON_IsNull(v) ? NULL : v;
-}
-
 static int is_int_in(const cJSON *v, double lo, double hi) {
     if (!cJSON_IsNumber(v)) return 0;
     double d = v->valuedouble;
@@ -36,7 +18,7 @@ static int is_int_in(const cJSON *v, double lo, double hi) {
 /* An integer field >= min. When absent: dflt if optional, else an error. */
 static int get_int(const char *path, const cJSON *obj, const char *key, const char *label,
                    int required, int dflt, int min, int *out) {
-    const cJSON *v = field(obj, key);
+    const cJSON *v = fl_json_field(obj, key);
     if (!v) {
         if (required) return fl_error("%s: field '%s' missing", path, label);
         *out = dflt;
@@ -44,7 +26,7 @@ static int get_int(const char *path, const cJSON *obj, const char *key, const ch
     }
     if (!is_int_in(v, min, INT_MAX)) {
         char got[80];
-        describe(v, got, sizeof got);
+        fl_json_describe(v, got, sizeof got);
         return fl_error("%s: field '%s' must be a %s integer, got %s", path, label,
                         min > 0 ? "positive" : "non-negative", got);
     }
@@ -55,7 +37,7 @@ static int get_int(const char *path, const cJSON *obj, const char *key, const ch
 /* A positive finite number field. */
 static int get_pos_float(const char *path, const cJSON *obj, const char *key, const char *label,
                          int required, float dflt, float *out) {
-    const cJSON *v = field(obj, key);
+    const cJSON *v = fl_json_field(obj, key);
     if (!v) {
         if (required) return fl_error("%s: field '%s' missing", path, label);
         *out = dflt;
@@ -63,7 +45,7 @@ static int get_pos_float(const char *path, const cJSON *obj, const char *key, co
     }
     if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble) || v->valuedouble <= 0) {
         char got[80];
-        describe(v, got, sizeof got);
+        fl_json_describe(v, got, sizeof got);
         return fl_error("%s: field '%s' must be a positive number, got %s", path, label, got);
     }
     *out = (float)v->valuedouble;
@@ -71,14 +53,14 @@ static int get_pos_float(const char *path, const cJSON *obj, const char *key, co
 }
 
 static int get_bool(const char *path, const cJSON *obj, const char *key, int dflt, int *out) {
-    const cJSON *v = field(obj, key);
+    const cJSON *v = fl_json_field(obj, key);
     if (!v) {
         *out = dflt;
         return 0;
     }
     if (!cJSON_IsBool(v)) {
         char got[80];
-        describe(v, got, sizeof got);
+        fl_json_describe(v, got, sizeof got);
         return fl_error("%s: field '%s' must be true or false, got %s", path, key, got);
     }
     *out = cJSON_IsTrue(v);
@@ -93,21 +75,21 @@ static int arch_from_name(const char *name) {
 
 /* `architectures` decides when present; `model_type` is the fallback. */
 static int read_arch(const char *path, const cJSON *root, fl_config *c) {
-    const cJSON *archs = field(root, "architectures");
+    const cJSON *archs = fl_json_field(root, "architectures");
     const cJSON *name = NULL;
     if (archs) {
         if (!cJSON_IsArray(archs) || !cJSON_IsString(cJSON_GetArrayItem(archs, 0))) {
             char got[80];
-            describe(archs, got, sizeof got);
+            fl_json_describe(archs, got, sizeof got);
             return fl_error("%s: field 'architectures' must be a list of strings, got %s", path, got);
         }
         name = cJSON_GetArrayItem(archs, 0);
     } else {
-        name = field(root, "model_type");
+        name = fl_json_field(root, "model_type");
         if (!name) return fl_error("%s: field 'architectures' missing (and no 'model_type')", path);
         if (!cJSON_IsString(name)) {
             char got[80];
-            describe(name, got, sizeof got);
+            fl_json_describe(name, got, sizeof got);
             return fl_error("%s: field 'model_type' must be a string, got %s", path, got);
         }
     }
@@ -125,22 +107,22 @@ static int read_rope_scaling(const char *path, const cJSON *root, fl_config *c) 
     c->rope_low_freq_factor = 1.0f;
     c->rope_high_freq_factor = 1.0f;
     c->rope_original_max_pos = 0;
-    const cJSON *rs = field(root, "rope_scaling");
+    const cJSON *rs = fl_json_field(root, "rope_scaling");
     if (!rs) return 0;
     char got[80];
     if (!cJSON_IsObject(rs)) {
-        describe(rs, got, sizeof got);
+        fl_json_describe(rs, got, sizeof got);
         return fl_error("%s: field 'rope_scaling' must be an object or null, got %s", path, got);
     }
     const char *key = "rope_scaling.rope_type";
-    const cJSON *type = field(rs, "rope_type");
+    const cJSON *type = fl_json_field(rs, "rope_type");
     if (!type) {
         key = "rope_scaling.type";
-        type = field(rs, "type");
+        type = fl_json_field(rs, "type");
     }
     if (!type) return fl_error("%s: field 'rope_scaling.rope_type' missing", path);
     if (!cJSON_IsString(type)) {
-        describe(type, got, sizeof got);
+        fl_json_describe(type, got, sizeof got);
         return fl_error("%s: field '%s' must be a string, got %s", path, key, got);
     }
     if (!strcmp(type->valuestring, "default")) return 0;
@@ -166,7 +148,7 @@ static int read_rope_scaling(const char *path, const cJSON *root, fl_config *c) 
 static int check_token_id(const char *path, const char *key, const cJSON *v, int vocab, int *out) {
     if (!is_int_in(v, 0, INT_MAX)) {
         char got[80];
-        describe(v, got, sizeof got);
+        fl_json_describe(v, got, sizeof got);
         return fl_error("%s: field '%s' must be a non-negative integer, got %s", path, key, got);
     }
     if (v->valuedouble >= vocab)
@@ -180,9 +162,9 @@ static int check_token_id(const char *path, const char *key, const cJSON *v, int
 static int read_special_ids(const char *path, const cJSON *root, fl_config *c) {
     c->bos_id = -1;
     c->n_eos = 0;
-    const cJSON *bos = field(root, "bos_token_id");
+    const cJSON *bos = fl_json_field(root, "bos_token_id");
     if (bos && check_token_id(path, "bos_token_id", bos, c->vocab_size, &c->bos_id)) return -1;
-    const cJSON *eos = field(root, "eos_token_id");
+    const cJSON *eos = fl_json_field(root, "eos_token_id");
     if (!eos) return 0;
     if (!cJSON_IsArray(eos)) {
         c->n_eos = 1;
@@ -220,7 +202,7 @@ static int read_shape(const char *path, const cJSON *root, fl_config *c) {
         return fl_error("%s: field 'num_attention_heads' (%d) must be divisible by "
                         "'num_key_value_heads' (%d)",
                         path, c->n_heads, c->n_kv_heads);
-    if (!field(root, "head_dim") && c->dim % c->n_heads != 0)
+    if (!fl_json_field(root, "head_dim") && c->dim % c->n_heads != 0)
         return fl_error("%s: field 'hidden_size' (%d) must be divisible by "
                         "'num_attention_heads' (%d) when 'head_dim' is not given",
                         path, c->dim, c->n_heads);
@@ -234,7 +216,7 @@ static int read_shape(const char *path, const cJSON *root, fl_config *c) {
 
 /* Options that would change the network in ways this engine does not run. */
 static int read_features(const char *path, const cJSON *root, fl_config *c) {
-    int attention_bias, mlp_bias, sliding;
+    int attention_bias = 0, mlp_bias = 0, sliding = 0;
     if (get_bool(path, root, "tie_word_embeddings", 0, &c->tie_embeddings) ||
         get_bool(path, root, "attention_bias", 0, &attention_bias) ||
         get_bool(path, root, "mlp_bias", 0, &mlp_bias) ||
@@ -244,10 +226,10 @@ static int read_features(const char *path, const cJSON *root, fl_config *c) {
     c->o_bias = c->arch == FL_ARCH_LLAMA && attention_bias; /* Qwen2's o_proj has none */
     if (mlp_bias) return fl_error("%s: field 'mlp_bias' true is not supported", path);
     if (sliding) return fl_error("%s: field 'use_sliding_window' true is not supported", path);
-    const cJSON *act = field(root, "hidden_act");
+    const cJSON *act = fl_json_field(root, "hidden_act");
     if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu") != 0)) {
         char got[80];
-        describe(act, got, sizeof got);
+        fl_json_describe(act, got, sizeof got);
         return fl_error("%s: field 'hidden_act' must be \"silu\", got %s", path, got);
     }
     return 0;

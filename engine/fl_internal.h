@@ -17,6 +17,14 @@ void *fl_calloc(size_t count, size_t size);
 /* A copy of s, reporting a failed allocation through fl_error. */
 char *fl_strdup(const char *s);
 
+/* config.json and adapter_config.json fields (cJSON values). */
+struct cJSON;
+/* obj[key], NULL when absent or null: HF's and PEFT's config classes read both as "not
+ * given". */
+const struct cJSON *fl_json_field(const struct cJSON *obj, const char *key);
+/* The JSON text of a value for messages, cut to 60 characters ("?" if it cannot print). */
+void fl_json_describe(const struct cJSON *v, char *out, size_t cap);
+
 /* Reads a whole file into a NUL-terminated buffer (free() it). NULL + error on failure. */
 char *fl_read_file(const char *path, size_t *len);
 /* Writes data to path through path.tmp + rename, so readers never see half a file. */

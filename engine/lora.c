@@ -307,23 +307,10 @@ int fl_adapter_save(const fl_adapter *a, const char *dir, const char *base_model
 
 /* ---------------------------------------------------------------- loading */
 
-static void describe(const cJSON *v, char *out, size_t cap) {
-    char *s = cJSON_PrintUnformatted(v);
-    if (s && strlen(s) > 60) memcpy(s + 57, "...", 4);
-    snprintf(out, cap, "%s", s ? s : "?");
-    free(s);
-}
-
-/* Absent and null both mean "not given", as in PEFT's config class. */
-static const cJSON *field(const cJSON *obj, const char *key) {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
-    return cJSON_IsNull(v) ? NULL : v;
-}
-
 /* A number field within [lo, hi]; dflt when optional and absent. */
 static int get_number(const char *path, const cJSON *obj, const char *key, int required,
                       double dflt, double lo, double hi, double *out) {
-    const cJSON *v = field(obj, key);
+    const cJSON *v = fl_json_field(obj, key);
     if (!v) {
         if (required) return fl_error("%s: field '%s' missing", path, key);
         *out = dflt;
@@ -332,7 +319,7 @@ static int get_number(const char *path, const cJSON *obj, const char *key, int r
     double d = cJSON_IsNumber(v) ? v->valuedouble : NAN;
     if (!(d >= lo && d <= hi)) {
         char got[80];
-        describe(v, got, sizeof got);
+        fl_json_describe(v, got, sizeof got);
         return fl_error("%s: field '%s' must be a number in [%g, %g], got %s", path, key, lo, hi, got);
     }
     *out = d;
@@ -343,36 +330,36 @@ static int get_number(const char *path, const cJSON *obj, const char *key, int r
 static int check_unsupported(const char *path, const cJSON *c) {
     static const char *const flags[] = {"use_rslora", "use_dora"};
     for (int i = 0; i < 2; i++) {
-        const cJSON *v = field(c, flags[i]);
+        const cJSON *v = fl_json_field(c, flags[i]);
         if (v && !cJSON_IsFalse(v))
             return fl_error("%s: '%s' is set; flexllm supports plain LoRA only (scale alpha / r)",
                             path, flags[i]);
     }
     static const char *const nulls[] = {"layers_to_transform", "modules_to_save"};
     for (int i = 0; i < 2; i++) {
-        const cJSON *v = field(c, nulls[i]);
+        const cJSON *v = fl_json_field(c, nulls[i]);
         if (v && !(cJSON_IsArray(v) && cJSON_GetArraySize(v) == 0)) {
             char got[80];
-            describe(v, got, sizeof got);
+            fl_json_describe(v, got, sizeof got);
             return fl_error("%s: '%s' is %s; flexllm supports only null (every layer, LoRA weights only)",
                             path, nulls[i], got);
         }
     }
     static const char *const patterns[] = {"rank_pattern", "alpha_pattern"};
     for (int i = 0; i < 2; i++) {
-        const cJSON *v = field(c, patterns[i]);
+        const cJSON *v = fl_json_field(c, patterns[i]);
         if (v && !(cJSON_IsObject(v) && !v->child))
             return fl_error("%s: '%s' is not empty; flexllm supports one rank and alpha for all layers",
                             path, patterns[i]);
     }
-    const cJSON *bias = field(c, "bias");
+    const cJSON *bias = fl_json_field(c, "bias");
     if (bias && !(cJSON_IsString(bias) && !strcmp(bias->valuestring, "none")))
         return fl_error("%s: 'bias' must be \"none\" (flexllm trains no LoRA biases)", path);
     return 0;
 }
 
 static int parse_target_modules(const char *path, const cJSON *c, unsigned *targets) {
-    const cJSON *v = field(c, "target_modules");
+    const cJSON *v = fl_json_field(c, "target_modules");
     if (!v) return fl_error("%s: field 'target_modules' missing", path);
     if (cJSON_IsString(v) && !strcmp(v->valuestring, "all-linear")) {
         *targets = FL_LORA_ALL_LINEARS;
@@ -380,7 +367,7 @@ static int parse_target_modules(const char *path, const cJSON *c, unsigned *targ
     }
     if (!cJSON_IsArray(v) || !v->child) {
         char got[80];
-        describe(v, got, sizeof got);
+        fl_json_describe(v, got, sizeof got);
         return fl_error("%s: field 'target_modules' must be a list of module names or \"all-linear\", got %s",
                         path, got);
     }
@@ -391,7 +378,7 @@ static int parse_target_modules(const char *path, const cJSON *c, unsigned *targ
             if (!strcmp(e->valuestring, proj_names[k])) t = k;
         if (t < 0) {
             char got[80];
-            describe(e, got, sizeof got);
+            fl_json_describe(e, got, sizeof got);
             return fl_error("%s: target_modules names %s, which flexllm cannot adapt (supported: "
                             "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)",
                             path, got);
@@ -411,12 +398,12 @@ static int parse_config(const char *path, const char *text, fl_lora_params *p) {
     }
     int rc = 0;
     double r = 0, alpha = 0, dropout = 0;
-    const cJSON *type = field(c, "peft_type");
+    const cJSON *type = fl_json_field(c, "peft_type");
     if (!cJSON_IsObject(c)) {
         rc = fl_error("%s: not a JSON object", path);
     } else if (!cJSON_IsString(type) || strcmp(type->valuestring, "LORA") != 0) {
         char got[80];
-        if (type) describe(type, got, sizeof got);
+        if (type) fl_json_describe(type, got, sizeof got);
         rc = fl_error("%s: peft_type must be \"LORA\", got %s", path, type ? got : "nothing");
     } else {
         rc = check_unsupported(path, c) ||

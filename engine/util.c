@@ -1,6 +1,7 @@
 /* Errors, allocation, files, and half-precision conversion. */
 #include "fl_internal.h"
 
+#include <cjson/cJSON.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -49,6 +50,18 @@ void *fl_calloc(size_t count, size_t size) {
     void *p = calloc(count ? count : 1, size ? size : 1);
     if (!p) fl_error("out of memory allocating %zu x %zu bytes", count, size);
     return p;
+}
+
+const cJSON *fl_json_field(const cJSON *obj, const char *key) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+    return cJSON_IsNull(v) ? NULL : v;
+}
+
+void fl_json_describe(const cJSON *v, char *out, size_t cap) {
+    char *s = cJSON_PrintUnformatted(v);
+    if (s && strlen(s) > 60) memcpy(s + 57, "...", 4);
+    snprintf(out, cap, "%s", s ? s : "?");
+    free(s);
 }
 
 char *fl_strdup(const char *s) {
