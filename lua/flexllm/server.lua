@@ -166,12 +166,17 @@ function Server:model_names()
   return names
 end
 
+-- The key of an "Authorization: Bearer KEY" header, or nil.
+local function bearer(req)
+  local auth = req.headers and req.headers.authorization
+  return auth and auth:match("^[Bb]earer%s+(.-)%s*$") or nil
+end
+
 -- The tenant SLO rules match: the X-Tenant header, else the API key the client sent.
 function Server:tenant(req)
-  local h = req.headers or {}
-  if h["x-tenant"] and h["x-tenant"] ~= "" then return h["x-tenant"] end
-  local auth = h.authorization
-  return auth and auth:match("^[Bb]earer%s+(.+)$") or nil
+  local t = req.headers and req.headers["x-tenant"]
+  if t and t ~= "" then return t end
+  return bearer(req)
 end
 
 ---------------------------------------------------------------------------- generation
@@ -567,8 +572,7 @@ local function authorize(S, req)
   if not S.api_key then return end
   local path = req.path
   if not (path:find("^/v1/") or path:find("^/admin/")) then return end
-  local auth = req.headers and req.headers.authorization
-  local key = auth and auth:match("^[Bb]earer%s+(.-)%s*$")
+  local key = bearer(req)
   if not key then
     R.fail(401, "You didn't provide an API key: send it as 'Authorization: Bearer YOUR_KEY'", nil, "missing_api_key")
   end

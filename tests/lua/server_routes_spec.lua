@@ -485,6 +485,26 @@ describe("files and fine-tuning jobs", function()
   end)
 end)
 
+describe("SLO rules", function()
+  it("count a request under its tenant's rule: the X-Tenant header, else the API key, else the default", function()
+    local path = F.tmp .. "/tenants.lua"
+    F.write(path, "return { default = { ttft = 100 }, tenants = { a = { ttft = 100 }, ['sk-b'] = { ttft = 100 } } }")
+    local S = new_server({ slo = path })
+    local function ask(headers)
+      F.call(S, "POST", "/v1/completions", { model = "tiny", prompt = "x", max_tokens = 2 }, headers)
+    end
+    ask({ ["x-tenant"] = "a" })
+    ask({ ["x-tenant"] = "a", authorization = "Bearer sk-b" })
+    ask({ authorization = "Bearer sk-b  " })
+    ask({ authorization = "bearer sk-c" })
+    ask({})
+    local report = S.tracker:report()
+    assert.are.equal(2, report["tenant:a"].requests)
+    assert.are.equal(1, report["tenant:sk-b"].requests)
+    assert.are.equal(2, report.default.requests)
+  end)
+end)
+
 describe("admin", function()
   it("reloads the SLO file now and reports a bad edit, keeping the old rules", function()
     local path = F.tmp .. "/slo.lua"
