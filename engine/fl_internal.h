@@ -40,6 +40,10 @@ float fl_f16_to_f32(uint16_t h);
 float fl_bf16_to_f32(uint16_t b);
 uint16_t fl_f32_to_bf16(float f);
 
+/* GPT-2's byte-level alphabet (tokenizer.c): writes the UTF-8 of the character standing
+ * for byte b (1 or 2 bytes, unterminated) and returns its length. */
+int fl_byte_level_char(int b, char *out);
+
 /* splitmix64: advances *state and returns the next output. The engine's seeded streams
  * (initial weights, LoRA A, dropout hashes, epoch orders) all draw from it. */
 static inline uint64_t fl_splitmix64(uint64_t *state) {

@@ -158,33 +158,12 @@ static int write_config(const char *dir, const fl_init_model_params *p) {
 
 /* ------------------------------------------------------------- tokenizer */
 
-/* GPT-2's byte -> unicode map: printable bytes stand for themselves, the
- * others take code points from 256 up, in byte order. Writes UTF-8. */
-static void byte_symbol(int b, char out[3]) {
-    int cp = b;
-    if (!((b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255))) {
-        int k = 0;
-        for (int x = 0; x < b; x++)
-            if (!((x >= 33 && x <= 126) || (x >= 161 && x <= 172) || (x >= 174 && x <= 255))) k++;
-        cp = 256 + k;
-    }
-    if (cp < 0x80) {
-        out[0] = (char)cp;
-        out[1] = 0;
-    } else {
-        out[0] = (char)(0xc0 | (cp >> 6));
-        out[1] = (char)(0x80 | (cp & 0x3f));
-        out[2] = 0;
-    }
-}
-
 /* A raw byte string in the byte-level alphabet. */
 static void to_symbols(const char *raw, char *out, size_t cap) {
     size_t n = 0;
     for (const unsigned char *s = (const unsigned char *)raw; *s; s++) {
-        char sym[3];
-        byte_symbol(*s, sym);
-        size_t k = strlen(sym);
+        char sym[4];
+        size_t k = (size_t)fl_byte_level_char(*s, sym);
         if (n + k + 1 > cap) break;
         memcpy(out + n, sym, k);
         n += k;
@@ -273,8 +252,8 @@ static cJSON *bpe_model(int n_merges) {
     cJSON *vocab = cJSON_AddObjectToObject(m, "vocab");
     char a[64], b[64], ab[160];
     for (int i = 0; i < 256; i++) {
-        char sym[3];
-        byte_symbol(i, sym);
+        char sym[4];
+        sym[fl_byte_level_char(i, sym)] = 0;
         cJSON_AddNumberToObject(vocab, sym, i);
     }
     cJSON *merges = cJSON_AddArrayToObject(m, "merges");

@@ -147,6 +147,8 @@ static uint32_t byte_cp(int b) {
     return 0x100u + (uint32_t)shifted;
 }
 
+int fl_byte_level_char(int b, char *out) { return utf8_put(byte_cp(b), out); }
+
 /* --------------------------------------------------------------- loading */
 
 typedef struct {
@@ -285,7 +287,7 @@ static void index_chars(fl_tokenizer *t) {
     for (int b = 0; b < 256; b++) {
         snprintf(buf, sizeof buf, "<0x%02X>", b);
         t->byte_id[b] = fl_tok_model_id(t, buf, strlen(buf));
-        t->byte_chr[b][0] = (char)utf8_put(byte_cp(b), t->byte_chr[b] + 1);
+        t->byte_chr[b][0] = (char)fl_byte_level_char(b, t->byte_chr[b] + 1);
     }
 }
 
