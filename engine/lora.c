@@ -451,13 +451,6 @@ static int parse_tensor_name(const char *name, int *layer, int *target, int *is_
     return !strcmp(p, ".weight") || !strcmp(p, ".default.weight") ? 0 : -1;
 }
 
-static void format_shape(const fl_st_tensor *x, char *out, size_t cap) {
-    size_t len = 0;
-    out[0] = 0;
-    for (int i = 0; i < x->ndim && len < cap; i++)
-        len += (size_t)snprintf(out + len, cap - len, "%s%lld", i ? ", " : "", (long long)x->shape[i]);
-}
-
 /* Places one tensor in slots[layer, target, A|B] after checking its name, layer, target
  * and shape against the model and config. */
 static int place_tensor(const char *file, const fl_model *m, const fl_lora_params *p,
@@ -479,8 +472,8 @@ static int place_tensor(const char *file, const fl_model *m, const fl_lora_param
     int64_t want0 = is_b ? out : r, want1 = is_b ? r : in;
     if (x->ndim != 2 || x->shape[0] != want0 || x->shape[1] != want1) {
         char got[160];
-        format_shape(x, got, sizeof got);
-        return fl_error("%s: tensor '%s' has shape [%s], expected [%lld, %lld] (%s %lld, %s %lld)",
+        fl_st_shape_str(x->shape, x->ndim, ", ", got, sizeof got);
+        return fl_error("%s: tensor '%s' has shape %s, expected [%lld, %lld] (%s %lld, %s %lld)",
                         file, x->name, got, (long long)want0, (long long)want1, is_b ? "out" : "r",
                         (long long)want0, is_b ? "r" : "in", (long long)want1);
     }

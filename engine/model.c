@@ -66,14 +66,10 @@ static const float *load_tensor(fl_model *m, const char *name, int ndim, int64_t
     int ok = t->ndim == ndim;
     for (int i = 0; ok && i < ndim; i++) ok = t->shape[i] == want[i];
     if (!ok) {
-        char got[128] = "", exp[64];
-        for (int i = 0; i < t->ndim; i++) {
-            size_t len = strlen(got);
-            snprintf(got + len, sizeof got - len, "%s%lld", i ? ", " : "", (long long)t->shape[i]);
-        }
-        if (ndim == 1) snprintf(exp, sizeof exp, "%lld", (long long)d0);
-        else snprintf(exp, sizeof exp, "%lld, %lld", (long long)d0, (long long)d1);
-        fl_error("%s: tensor '%s' has shape [%s], expected [%s]", t->file, name, got, exp);
+        char got[128], exp[64];
+        fl_st_shape_str(t->shape, t->ndim, ", ", got, sizeof got);
+        fl_st_shape_str(want, ndim, ", ", exp, sizeof exp);
+        fl_error("%s: tensor '%s' has shape %s, expected %s", t->file, name, got, exp);
         return NULL;
     }
     m->n_params += (size_t)t->numel;

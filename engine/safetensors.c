@@ -62,10 +62,10 @@ static const char *dtype_name(fl_dtype d) {
     return "?";
 }
 
-static void shape_str(const int64_t *shape, int ndim, char *out, size_t cap) {
+void fl_st_shape_str(const int64_t *shape, int ndim, const char *sep, char *out, size_t cap) {
     size_t n = (size_t)snprintf(out, cap, "[");
     for (int i = 0; i < ndim && n < cap; i++)
-        n += (size_t)snprintf(out + n, cap - n, "%s%lld", i ? "," : "", (long long)shape[i]);
+        n += (size_t)snprintf(out + n, cap - n, "%s%lld", i ? sep : "", (long long)shape[i]);
     if (n < cap) snprintf(out + n, cap - n, "]");
 }
 
@@ -154,7 +154,7 @@ static int parse_entry(const st_file *f, const cJSON *e, const char *data, size_
     uint64_t need = (uint64_t)t->numel * esize;
     if (need != *end - *begin) {
         char s[160];
-        shape_str(t->shape, t->ndim, s, sizeof s);
+        fl_st_shape_str(t->shape, t->ndim, ",", s, sizeof s);
         return fl_error("%s: tensor '%s': shape %s of %s needs %llu bytes but data_offsets give %llu",
                         f->path, name, s, dtype_name(t->dtype), (unsigned long long)need,
                         (unsigned long long)(*end - *begin));

@@ -39,6 +39,9 @@ const char *fl_st_metadata(const fl_st_set *set, const char *key);
 /* Path used in messages: the index file when sharded, else the file. */
 const char *fl_st_source(const fl_st_set *set);
 
+/* A shape as "[d0<sep>d1...]" for messages. */
+void fl_st_shape_str(const int64_t *shape, int ndim, const char *sep, char *out, size_t cap);
+
 /* Converts a tensor's elements to float32 into dst[numel]. */
 void fl_st_to_f32(const fl_st_tensor *t, float *dst);
 
