@@ -3,7 +3,7 @@
  * through FFI pointers cast once when the policy loads.
  *
  * The block between the ABI markers is plain C that ffi.cdef accepts: the build copies
- * it into lua/flexllm/sched_abi.lua (scripts/gen-sched-abi.lua), and a policy checks
+ * it into build/lua/flexllm/sched_abi.lua (scripts/gen-sched-abi.lua), and a policy checks
  * ffi.sizeof of each struct against the sizes C reports when it loads. Change a struct
  * here and both sides follow. Times are seconds on the runtime's clock. */
 #ifndef FL_SCHED_H

@@ -205,7 +205,7 @@ function M.drive(rt, reqs, o)
       t = now() - t0
       for _, ev in ipairs(events) do
         local r = by_id[ev.request]
-        if ev.token >= 0 and not ev.eos then
+        if not ev.eos then
           if r.last then r.gaps[#r.gaps + 1] = t - r.last end
           r.first = r.first or t
           r.last = t

@@ -90,7 +90,7 @@ commands.generate = {
       bos = not o.no_bos or nil,
     }, function(_, ev)
       if o.ids then
-        if ev.token >= 0 and not ev.eos then
+        if not ev.eos then
           io.stdout:write(first and "" or " ", ev.token)
           first = false
         end

@@ -210,7 +210,7 @@ function M.main(o)
       last_step = p.step
     end
     for _, ev in ipairs(events) do
-      if ev.token >= 0 and not ev.eos then infer_tokens = infer_tokens + 1 end
+      if not ev.eos then infer_tokens = infer_tokens + 1 end
     end
     if t - prev.t >= 0.5 then -- tokens per second over half-second windows
       local dt = t - prev.t

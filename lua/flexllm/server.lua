@@ -103,8 +103,10 @@ function M.new(opts)
   S.slo_watch, err = slo.watch(opts.slo)
   if not S.slo_watch then return nil, err end
   S.tracker = slo.tracker()
-  local default_rule = S.slo_watch:rules():match({})
-  S.rt, err = S.ctx:runtime({ policy = opts.policy, ttft_slo = default_rule.ttft, tpot_slo = default_rule.tpot })
+  -- No global rule in the runtime: every request carries the whole rule it matched (an
+  -- absent bound is 0 = none, which a global rule would otherwise fill in), and rule
+  -- files reload without touching the runtime.
+  S.rt, err = S.ctx:runtime({ policy = opts.policy })
   if not S.rt then return nil, err end
 
   S.template, err = chat_template.for_model(S.model_dir, opts.chat_template, info)
@@ -287,7 +289,7 @@ function Server:dispatch(events)
         self.rt:cancel(g.rid) -- the model ended its turn with a token that is not EOS
         self:complete(g, "stop")
       else
-        if ev.token >= 0 and not ev.eos then g.completion_tokens = g.completion_tokens + 1 end
+        if not ev.eos then g.completion_tokens = g.completion_tokens + 1 end
         local alive = ev.text == "" or self:emit(g, ev.text) -- false: the client went away
         if alive and ev.finish then self:complete(g, ev.finish) end
       end
@@ -611,6 +613,8 @@ function Server:handle(req, w)
   self.http_requests = self.http_requests + 1
   local ok, err = xpcall(route, traceback, self, req, w)
   if ok then return end
+  local g = req.conn and self.by_conn[req.conn]
+  if g then self:abandon(g) end -- it failed after its request was submitted
   local known = R.is_error(err)
   if not known then self.log(("internal error in %s %s: %s"):format(req.method, req.path, err)) end
   local status = known and err.status or 500

@@ -503,6 +503,21 @@ describe("SLO rules", function()
     assert.are.equal(1, report["tenant:sk-b"].requests)
     assert.are.equal(2, report.default.requests)
   end)
+
+  it("leave a bound the matched rule lacks unbounded in the runtime, not the default's", function()
+    local path = F.tmp .. "/partial.lua"
+    F.write(path, "return { default = { ttft = 100, tpot = 1e-9 }, tenants = { a = { ttft = 100 } } }")
+    local S = new_server({ slo = path })
+    local body = { model = "tiny", prompt = "x", max_tokens = 4, ignore_eos = true }
+    F.call(S, "POST", "/v1/completions", body, { ["x-tenant"] = "a" })
+    local st = S.rt:stats()
+    assert.are.equal(1, st.requests_done)
+    assert.are.equal(1, st.requests_slo_met) -- tenant a bounds only the first token
+    F.call(S, "POST", "/v1/completions", body)
+    st = S.rt:stats()
+    assert.are.equal(2, st.requests_done)
+    assert.are.equal(1, st.requests_slo_met) -- the default's 1 ns per token is missed
+  end)
 end)
 
 describe("admin", function()
