@@ -120,7 +120,7 @@ fl_context *fl_context_new(const fl_model *m, const fl_context_params *params) {
         /* On the device the pool may take half of the memory free once the weights are in;
          * the rest is left to scratch, cuBLAS and other contexts. */
         size_t budget = DEFAULT_KV_BYTES, free_bytes, total_bytes;
-        if (m->device == FL_DEVICE_CUDA && m->cuda->mem_info(&free_bytes, &total_bytes) == 0)
+        if (m->cuda && m->cuda->mem_info(&free_bytes, &total_bytes) == 0)
             budget = free_bytes / 2;
         size_t fit = budget / page_bytes;
         p.kv_pages = (int)(want < fit ? want : fit);
@@ -134,7 +134,7 @@ fl_context *fl_context_new(const fl_model *m, const fl_context_params *params) {
     ctx->free_pages = fl_malloc(sizeof(int32_t) * (size_t)p.kv_pages);
     ctx->seqs = fl_calloc((size_t)p.max_seqs, sizeof(fl_seq));
     int ok = ctx->free_pages && ctx->seqs && alloc_scratch(&ctx->s, m, p.max_batch_tokens) == 0;
-    if (ok && m->device == FL_DEVICE_CUDA)
+    if (ok && m->cuda)
         ok = alloc_dev(&ctx->dev, p.max_batch_tokens, p.kv_pages, p.max_seqs) == 0 &&
              (ctx->cuda = m->cuda->model_new(m->cuda_weights, p.max_batch_tokens, p.kv_pages));
     else if (ok)

@@ -167,7 +167,6 @@ extern const fl_cuda_backend_api *fl_cuda_backend(void) __attribute__((weak));
  * it cannot be is an error; on auto it is the message of the cpu choice. */
 static int choose_device(fl_model *m, const fl_model_params *p) {
     const size_t cap = sizeof m->device_why;
-    m->device = FL_DEVICE_CPU;
     int asked = p->device == FL_DEVICE_CUDA;
     const char *how = asked ? "asked for" : "auto";
     if (p->device == FL_DEVICE_CPU) {
@@ -198,14 +197,13 @@ static int choose_device(fl_model *m, const fl_model_params *p) {
         return 0;
     }
     m->cuda = api;
-    m->device = FL_DEVICE_CUDA;
     snprintf(m->device_why, cap, "cuda: %s, %s, %s weights", dev, how, bf16 ? "bf16" : "fp32");
     return 0;
 }
 
 fl_device fl_model_device(const fl_model *m, const char **why) {
     if (why) *why = m->device_why;
-    return m->device;
+    return m->cuda ? FL_DEVICE_CUDA : FL_DEVICE_CPU;
 }
 
 fl_model *fl_model_load(const char *dir, const fl_model_params *params) {

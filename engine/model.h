@@ -39,9 +39,8 @@ struct fl_model {
     int n_threads;
     fl_gemm gemm;
     int non_bf16_matrices;    /* 2-D tensors the checkpoint stores in another dtype than BF16 */
-    fl_device device;         /* FL_DEVICE_CPU or FL_DEVICE_CUDA */
     char device_why[320];     /* how the device was chosen (fl_model_device) */
-    const fl_cuda_backend_api *cuda;   /* the backend, on cuda */
+    const fl_cuda_backend_api *cuda;   /* the backend when the model is on cuda, else NULL */
     fl_cuda_weights *cuda_weights;      /* the device's weights, on cuda */
 };
 
