@@ -68,11 +68,11 @@ $(SCHED_ABI): engine/include/fl_sched.h scripts/gen-sched-abi.lua
 tests: $(TESTS) $(ASAN_TESTS) $(MOCK_TESTS) $(CUDA_TARGETS)
 cuda: $(CULIB) $(CUTESTS) $(CUBENCH)
 
-build/obj/%.o: %.c $(wildcard engine/*.h engine/include/*.h kernels/*.h kernels/cpu/*.h)
+build/obj/%.o: %.c $(wildcard engine/*.h engine/include/*.h kernels/*.h kernels/cpu/*.h kernels/cuda/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_FL) $(OPT) -c $< -o $@
 
-build/asan/obj/%.o: %.c $(wildcard engine/*.h engine/include/*.h kernels/*.h kernels/cpu/*.h)
+build/asan/obj/%.o: %.c $(wildcard engine/*.h engine/include/*.h kernels/*.h kernels/cpu/*.h kernels/cuda/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_FL) -O1 $(SAN) -c $< -o $@
 
