@@ -216,9 +216,9 @@ int fl_seqs_free(const fl_context *ctx) {
 }
 int fl_kv_pages_free(const fl_context *ctx) { return ctx->n_free; }
 
-/* Checks every token of the batch against the sequences, and counts the new
+/* Checks every token of the batch against the sequences, and that the pool has the new
  * pages it needs, before anything changes. */
-static int validate_batch(const fl_context *ctx, const fl_batch *b, int *new_pages) {
+static int validate_batch(const fl_context *ctx, const fl_batch *b) {
     const fl_config *c = &ctx->model->cfg;
     if (b->n_tokens <= 0 || b->n_tokens > ctx->params.max_batch_tokens)
         return fl_error("batch: %d tokens, must be 1..%d (max_batch_tokens)", b->n_tokens,
@@ -257,7 +257,6 @@ static int validate_batch(const fl_context *ctx, const fl_batch *b, int *new_pag
     free(next);
     if (rc == 0 && pages > ctx->n_free)
         rc = fl_error("batch: needs %d new KV pages, %d free", pages, ctx->n_free);
-    *new_pages = pages;
     return rc;
 }
 
@@ -617,8 +616,7 @@ static int forward_device(fl_context *ctx, const fl_batch *b, float *logits) {
 }
 
 int fl_forward(fl_context *ctx, const fl_batch *b, float *logits) {
-    int new_pages;
-    if (validate_batch(ctx, b, &new_pages) != 0) return -1;
+    if (validate_batch(ctx, b) != 0) return -1;
     if (ctx->cuda) return forward_device(ctx, b, logits);
     batch_info bi;
     if (cpu_prepare(ctx, b, &bi) != 0 || take_pages(ctx, b) != 0) return -1;
