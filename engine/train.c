@@ -106,16 +106,16 @@ int fl_train_forward(fl_context *ctx, fl_train_sample *t, int max_tokens) {
     if (m > ctx->params.max_batch_tokens) m = ctx->params.max_batch_tokens;
     if (m <= 0) return 0;
     int32_t *seq = fl_malloc(sizeof(int32_t) * m), *pos = fl_malloc(sizeof(int32_t) * m);
-    int8_t *none = fl_calloc((size_t)m, 1);
     int rc = -1;
-    if (seq && pos && none) {
+    if (seq && pos) {
         for (int i = 0; i < m; i++) seq[i] = t->seq, pos[i] = t->forwarded + i;
-        fl_batch b = {.n_tokens = m, .token = t->tokens + t->forwarded, .seq = seq, .pos = pos, .logits = none, .adapter = NULL};
+        /* No logits array: a finetuning sample's rows never have logits written (their loss
+         * is fused into the forward), and its own adapter applies to them. */
+        fl_batch b = {.n_tokens = m, .token = t->tokens + t->forwarded, .seq = seq, .pos = pos};
         rc = fl_forward(ctx, &b, NULL) < 0 ? -1 : m;
     }
     free(seq);
     free(pos);
-    free(none);
     return rc;
 }
 
