@@ -175,6 +175,10 @@ float fl_optimizer_step(fl_optimizer *opt, float *params, float *grads, int n_ac
 /* ------------------------------------------------------------ checkpoints */
 
 static const char *kind_name(fl_optimizer_kind k) { return k == FL_OPT_SGD ? "sgd" : "adamw"; }
+/* The tensor of m, named as in torch's optimizer state. */
+static const char *m_name(fl_optimizer_kind k) {
+    return k == FL_OPT_SGD ? "momentum_buffer" : "exp_avg";
+}
 
 int fl_optimizer_save(const fl_optimizer *opt, const char *path) {
     const fl_optim_params *p = &opt->p;
@@ -194,7 +198,7 @@ int fl_optimizer_save(const fl_optimizer *opt, const char *path) {
                           num[3], num[4], num[5], num[6], num[7], num[8], num[9], num[10], num[11],
                           p->schedule == FL_SCHEDULE_COSINE ? "cosine" : "constant"};
     fl_st_tensor t[2] = {
-        {.name = p->kind == FL_OPT_SGD ? "momentum_buffer" : "exp_avg", .dtype = FL_DTYPE_F32,
+        {.name = m_name(p->kind), .dtype = FL_DTYPE_F32,
          .ndim = 1, .shape = {(int64_t)opt->n}, .data = opt->m},
         {.name = "exp_avg_sq", .dtype = FL_DTYPE_F32, .ndim = 1, .shape = {(int64_t)opt->n},
          .data = opt->v},
@@ -228,8 +232,7 @@ static int check_state(const fl_optimizer *opt, const char *path, const fl_st_se
     if (!*s || *end || st < 0 || st > INT32_MAX)
         return fl_error("%s: bad step count '%s'", path, s);
     *step = (int)st;
-    const char *names[2] = {opt->p.kind == FL_OPT_SGD ? "momentum_buffer" : "exp_avg",
-                            "exp_avg_sq"};
+    const char *names[2] = {m_name(opt->p.kind), "exp_avg_sq"};
     for (int i = 0; i < (opt->v ? 2 : 1); i++) {
         const fl_st_tensor *t = fl_st_find(set, names[i]);
         if (!t) return fl_error("%s: tensor '%s' missing", path, names[i]);
@@ -245,8 +248,7 @@ int fl_optimizer_load(fl_optimizer *opt, const char *path) {
     int step = 0;
     int rc = check_state(opt, path, set, &step);
     if (!rc) {
-        fl_st_to_f32(fl_st_find(set, opt->p.kind == FL_OPT_SGD ? "momentum_buffer" : "exp_avg"),
-                     opt->m);
+        fl_st_to_f32(fl_st_find(set, m_name(opt->p.kind)), opt->m);
         if (opt->v) fl_st_to_f32(fl_st_find(set, "exp_avg_sq"), opt->v);
         opt->step = step;
     }
