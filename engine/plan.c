@@ -143,7 +143,6 @@ int fl_plan_make(const fl_config *cfg, const fl_plan_params *p, int seq_len, fl_
         }
     }
     plan->n_layers = cfg->n_layers;
-    plan->seq_len = seq_len;
     plan->workspace_floats = (size_t)cfg->n_layers * 2 * cfg->n_kv_heads * cfg->head_dim + cfg->dim;
     return 0;
 }

@@ -335,7 +335,6 @@ typedef struct {
     size_t keep_all_floats;    /* everything produced, per token and layer */
     size_t workspace_floats;   /* per token: dK/dV accumulators of every layer + the final-hidden gradient */
     int n_layers;
-    int seq_len;
 } fl_plan;
 
 fl_plan_params fl_plan_default_params(void);
