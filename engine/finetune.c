@@ -6,12 +6,10 @@
 
 #include <cjson/cJSON.h>
 #include <dirent.h>
-#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 struct fl_finetune {
@@ -86,9 +84,7 @@ int fl_finetune_checkpoint(fl_finetune *j) {
     char name[64], dir[4096], path[4200];
     snprintf(name, sizeof name, "checkpoint-%d", j->prog.step);
     snprintf(dir, sizeof dir, "%s/%s", j->out, name);
-    if (fl_make_dirs(j->out) || fl_make_dirs(dir) ||
-        fl_adapter_save(j->adapter, dir, j->base_name ? j->base_name : "") != 0)
-        return -1;
+    if (fl_adapter_save(j->adapter, dir, j->base_name ? j->base_name : "") != 0) return -1;
     snprintf(path, sizeof path, "%s/optimizer.safetensors", dir);
     if (fl_optimizer_save(j->opt, path) != 0) return -1;
     snprintf(path, sizeof path, "%s/state.json", dir);
@@ -103,7 +99,7 @@ int fl_finetune_checkpoint(fl_finetune *j) {
     return 0;
 }
 
-static int json_int(const cJSON *o, const char *k, const char *path, double *v) {
+static int json_number(const cJSON *o, const char *k, const char *path, double *v) {
     const cJSON *x = cJSON_GetObjectItemCaseSensitive(o, k);
     if (!cJSON_IsNumber(x)) return fl_error("%s: field '%s' missing or not a number", path, k);
     *v = x->valuedouble;
@@ -146,10 +142,10 @@ static int restore(fl_finetune *j) {
     free(text);
     double step = 0, epoch = 0, pos = 0, done = 0, tokens = 0, loss = 0;
     int rc = !o ? fl_error("%s: invalid JSON", path)
-                : (json_int(o, "step", path, &step) || json_int(o, "epoch", path, &epoch) ||
-                   json_int(o, "epoch_pos", path, &pos) ||
-                   json_int(o, "samples_done", path, &done) ||
-                   json_int(o, "tokens", path, &tokens) || json_int(o, "loss", path, &loss));
+                : (json_number(o, "step", path, &step) || json_number(o, "epoch", path, &epoch) ||
+                   json_number(o, "epoch_pos", path, &pos) ||
+                   json_number(o, "samples_done", path, &done) ||
+                   json_number(o, "tokens", path, &tokens) || json_number(o, "loss", path, &loss));
     cJSON_Delete(o);
     if (rc) return -1;
     if (pos < 0 || pos > j->count || epoch < 0)
@@ -224,9 +220,7 @@ void fl_finetune_free(fl_finetune *j) {
 }
 
 static int finish(fl_finetune *j) {
-    if (fl_make_dirs(j->out) != 0 ||
-        fl_adapter_save(j->adapter, j->out, j->base_name ? j->base_name : "") != 0)
-        return -1;
+    if (fl_adapter_save(j->adapter, j->out, j->base_name ? j->base_name : "") != 0) return -1;
     if (j->last_checkpoint != j->prog.step && fl_finetune_checkpoint(j) != 0) return -1;
     j->prog.done = 1;
     return 0;

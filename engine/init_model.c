@@ -12,12 +12,10 @@
 #include "safetensors.h"
 
 #include <cjson/cJSON.h>
-#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #define INIT_STD 0.02
 #define CHUNK 65536 /* elements per PRNG stream: chunks fill in parallel, same bytes */

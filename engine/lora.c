@@ -5,13 +5,11 @@
 #include "fl_internal.h"
 
 #include <cjson/cJSON.h>
-#include <errno.h>
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #define LORA_MAX_RANK 65536 /* far above any useful rank: larger is a typo, not a request */
 #define CONFIG_NAME "adapter_config.json"
