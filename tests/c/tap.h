@@ -65,6 +65,34 @@ static const char *tap_shared(const char *rel) {
     return stat(out, &st) == 0 ? out : NULL;
 }
 
+/* dir/name in one of 8 rotating buffers, so that a few paths can be live at once (and
+ * nest: tap_path(tap_path(a, b), c)). */
+static const char *tap_path(const char *dir, const char *name) __attribute__((unused));
+static const char *tap_path(const char *dir, const char *name) {
+    static char buf[8][8400];
+    static int next;
+    char joined[sizeof buf[0]]; /* dir may be an earlier result, in buf */
+    snprintf(joined, sizeof joined, "%s/%s", dir, name);
+    char *out = buf[next++ % 8];
+    memcpy(out, joined, sizeof joined);
+    return out;
+}
+
+/* Writes len bytes to path; 0, or -1 after a diagnostic line. */
+static int tap_write(const char *path, const void *data, size_t len) __attribute__((unused));
+static int tap_write(const char *path, const void *data, size_t len) {
+    FILE *f = fopen(path, "wb");
+    int ok = f && fwrite(data, 1, len, f) == len;
+    if (f && fclose(f) != 0) ok = 0;
+    if (!ok) tap_diag("cannot write %s", path);
+    return ok ? 0 : -1;
+}
+
+static int tap_write_text(const char *path, const char *text) __attribute__((unused));
+static int tap_write_text(const char *path, const char *text) {
+    return tap_write(path, text, strlen(text));
+}
+
 /* A fresh scratch directory under build/tmp for this test. */
 static const char *tap_tmpdir(const char *name) __attribute__((unused));
 static const char *tap_tmpdir(const char *name) {

@@ -11,17 +11,10 @@
 
 static const char *tmp;
 
-/* Writes content to tmp/name; returns the path (one of a few rotating buffers). */
+/* Writes content to tmp/name; returns the path (one of tap_path's rotating buffers). */
 static const char *write_file(const char *name, const char *content) {
-    static char paths[4][4096];
-    static int next;
-    char *path = paths[next++ % 4];
-    snprintf(path, sizeof paths[0], "%s/%s", tmp, name);
-    FILE *f = fopen(path, "wb");
-    if (f) {
-        fputs(content, f);
-        fclose(f);
-    }
+    const char *path = tap_path(tmp, name);
+    tap_write_text(path, content);
     return path;
 }
 

@@ -8,20 +8,6 @@
 
 static char base[4096];
 
-static const char *path_in(const char *dir, const char *name) {
-    static char p[8][4200];
-    static int k;
-    char *out = p[k++ % 8];
-    snprintf(out, sizeof p[0], "%s/%s", dir, name);
-    return out;
-}
-
-static void write_text(const char *path, const char *text) {
-    FILE *f = fopen(path, "wb");
-    fputs(text, f);
-    fclose(f);
-}
-
 /* A fresh copy of the good model in base/NAME. */
 static const char *fresh(const char *name) {
     static char dir[4200];
@@ -40,7 +26,7 @@ static void load_fails(const char *dir, const char *want1, const char *want2, co
 
 /* Rewrites dir/model.safetensors without the tensor named `drop`. */
 static int drop_tensor(const char *dir, const char *drop) {
-    const char *file = path_in(dir, "model.safetensors");
+    const char *file = tap_path(dir, "model.safetensors");
     fl_st_set *st = fl_st_open(file);
     if (!st) return -1;
     int n = fl_st_count(st), k = 0;
@@ -60,33 +46,33 @@ int main(void) {
     snprintf(base, sizeof base, "%s", tmp);
     fl_init_model_params ip = fl_init_model_default_params();
     ip.dim = 32, ip.hidden_dim = 64, ip.n_layers = 2, ip.n_heads = 4, ip.n_kv_heads = 2;
-    if (!tap_ok(fl_init_model(path_in(base, "good"), &ip) == 0, "init-model writes a model")) {
+    if (!tap_ok(fl_init_model(tap_path(base, "good"), &ip) == 0, "init-model writes a model")) {
         return tap_done();
     }
-    fl_model *m = fl_model_load(path_in(base, "good"), NULL);
+    fl_model *m = fl_model_load(tap_path(base, "good"), NULL);
     tap_ok(m != NULL, "the untouched model loads");
     fl_model_free(m);
 
     const char *d = fresh("no_config");
-    remove(path_in(d, "config.json"));
-    load_fails(d, path_in(d, "config.json"), "cannot open", "missing config.json");
+    remove(tap_path(d, "config.json"));
+    load_fails(d, tap_path(d, "config.json"), "cannot open", "missing config.json");
 
     d = fresh("bad_config");
-    write_text(path_in(d, "config.json"), "{\"model_type\": \"llama\", \"hidden_size\": ");
-    load_fails(d, path_in(d, "config.json"), "invalid JSON", "malformed config.json");
+    tap_write_text(tap_path(d, "config.json"), "{\"model_type\": \"llama\", \"hidden_size\": ");
+    load_fails(d, tap_path(d, "config.json"), "invalid JSON", "malformed config.json");
 
     d = fresh("gpt2");
-    write_text(path_in(d, "config.json"), "{\"architectures\": [\"GPT2LMHeadModel\"]}");
-    load_fails(d, path_in(d, "config.json"), "unsupported architecture 'GPT2LMHeadModel'",
+    tap_write_text(tap_path(d, "config.json"), "{\"architectures\": [\"GPT2LMHeadModel\"]}");
+    load_fails(d, tap_path(d, "config.json"), "unsupported architecture 'GPT2LMHeadModel'",
                "unknown architecture");
 
     d = fresh("no_tokenizer");
-    remove(path_in(d, "tokenizer.json"));
-    load_fails(d, path_in(d, "tokenizer.json"), NULL, "missing tokenizer.json");
+    remove(tap_path(d, "tokenizer.json"));
+    load_fails(d, tap_path(d, "tokenizer.json"), NULL, "missing tokenizer.json");
 
     d = fresh("bad_tokenizer");
-    write_text(path_in(d, "tokenizer.json"), "{\"model\": {\"type\": \"BPE\", \"vocab\": [1, 2]}}");
-    load_fails(d, path_in(d, "tokenizer.json"), "vocab", "broken tokenizer.json");
+    tap_write_text(tap_path(d, "tokenizer.json"), "{\"model\": {\"type\": \"BPE\", \"vocab\": [1, 2]}}");
+    load_fails(d, tap_path(d, "tokenizer.json"), "vocab", "broken tokenizer.json");
 
     d = fresh("missing_tensor");
     tap_ok(drop_tensor(d, "model.layers.1.mlp.up_proj.weight") == 0, "rewrote a model without one tensor");
@@ -95,7 +81,7 @@ int main(void) {
 
     d = fresh("wrong_shape");
     char cfg[8192];
-    FILE *f = fopen(path_in(d, "config.json"), "rb");
+    FILE *f = fopen(tap_path(d, "config.json"), "rb");
     size_t n = fread(cfg, 1, sizeof cfg - 1, f);
     fclose(f);
     cfg[n] = 0;
@@ -103,13 +89,13 @@ int main(void) {
     if (at) at += strcspn(at, "0123456789");
     if (tap_ok(at && strncmp(at, "64", 2) == 0, "config.json states intermediate_size 64")) {
         memcpy(at, "96", 2);
-        write_text(path_in(d, "config.json"), cfg);
+        tap_write_text(tap_path(d, "config.json"), cfg);
         load_fails(d, "'model.layers.0.mlp.gate_proj.weight' has shape [64, 32], expected [96, 32]",
                    "model.safetensors", "a shape that disagrees with config.json");
     }
 
     d = fresh("truncated");
-    if (truncate(path_in(d, "model.safetensors"), 4000) == 0)
-        load_fails(d, path_in(d, "model.safetensors"), NULL, "truncated safetensors");
+    if (truncate(tap_path(d, "model.safetensors"), 4000) == 0)
+        load_fails(d, tap_path(d, "model.safetensors"), NULL, "truncated safetensors");
     return tap_done();
 }

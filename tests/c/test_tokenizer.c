@@ -9,33 +9,13 @@
 #include <utf8proc.h>
 
 #include "flexllm.h"
+#include "fl_internal.h"
 #include "tap.h"
 
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static char *read_all(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = malloc((size_t)n + 1);
-    size_t got = fread(buf, 1, (size_t)n, f);
-    fclose(f);
-    buf[got] = 0;
-    if (len) *len = got;
-    return buf;
-}
-
-static int write_str(const char *path, const char *s, size_t n) {
-    FILE *f = fopen(path, "wb");
-    if (!f) return -1;
-    fwrite(s, 1, n, f);
-    return fclose(f);
 }
 
 /* Encodes into a malloc'd array sized by a first counting call. */
@@ -112,7 +92,7 @@ static void check_ids(const fl_tokenizer *tok, const char *name, const char *s, 
 static void report_throughput(const fl_tokenizer *tok, const char *name) {
     const char *path = tap_shared("data/tinyshakespeare.txt");
     size_t n;
-    char *text = path ? read_all(path, &n) : NULL;
+    char *text = path ? fl_read_file(path, &n) : NULL;
     if (!text) return;
     int count;
     double t0 = now_s();
@@ -204,7 +184,7 @@ static void test_llama3_vectors(const fl_tokenizer *tok) {
         tap_skip("llama3 vectors: ../shared/tokenizers/tests/llama-bpe.{inp,out} not found");
         return;
     }
-    char *inp = read_all(inp_path, NULL), *out = read_all(out_path, NULL);
+    char *inp = fl_read_file(inp_path, NULL), *out = fl_read_file(out_path, NULL);
     const char *sep = "\n__ggml_vocab_test__\n";
     char *p = inp, *line = out;
     int n = 0, pass = 0, trip = 0;
@@ -249,16 +229,16 @@ static void test_llama31_eos(const char *tok_dir) {
     }
     char src[4200], dst[4200];
     size_t n;
-    char *json = read_all(cfg, &n);
+    char *json = fl_read_file(cfg, &n);
     snprintf(dst, sizeof dst, "%s/config.json", dir);
-    write_str(dst, json, n);
+    tap_write(dst, json, n);
     free(json);
     const char *names[] = {"tokenizer.json", "tokenizer_config.json"};
     for (int i = 0; i < 2; i++) {
         snprintf(src, sizeof src, "%s/%s", tok_dir, names[i]);
         snprintf(dst, sizeof dst, "%s/%s", dir, names[i]);
-        json = read_all(src, &n);
-        write_str(dst, json, n);
+        json = fl_read_file(src, &n);
+        tap_write(dst, json, n);
         free(json);
     }
     fl_tokenizer *tok = fl_tokenizer_load_dir(dir);
@@ -324,7 +304,7 @@ static void test_qwen2_prompts(const fl_tokenizer *tok) {
         tap_skip("qwen2 prompts: ../shared/data/sharegpt_prompts_500.json not found");
         return;
     }
-    char *text = read_all(path, NULL);
+    char *text = fl_read_file(path, NULL);
     cJSON *root = cJSON_Parse(text);
     int n = 0, pass = 0, not_nfc = 0;
     for (const cJSON *e = root ? root->child : NULL; e; e = e->next) {
@@ -537,7 +517,7 @@ static void test_stories(void) {
 
     const char *path = tap_shared("data/tinystories_sample.txt");
     size_t n;
-    char *text = path ? read_all(path, &n) : NULL;
+    char *text = path ? fl_read_file(path, &n) : NULL;
     if (!text) {
         tap_skip("stories260K: ../shared/data/tinystories_sample.txt not found");
     } else {
@@ -558,7 +538,7 @@ static void test_stories(void) {
 /* Writes dir/name (its path into path) for a made-up file. */
 static void put_file(const char *dir, const char *name, const char *json, char *path, size_t cap) {
     snprintf(path, cap, "%s/%s", dir, name);
-    write_str(path, json, strlen(json));
+    tap_write_text(path, json);
 }
 
 static fl_tokenizer *load_text(const char *dir, const char *name, const char *json, char *path, size_t cap) {
