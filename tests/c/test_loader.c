@@ -24,24 +24,7 @@ static const char *why(int ok) {
     return buf;
 }
 
-static const char *tmp_path(const char *name) {
-    static char buf[4][4096];
-    static int next;
-    char *out = buf[next++ % 4];
-    snprintf(out, sizeof buf[0], "%s/%s", tmp, name);
-    return out;
-}
-
-static void write_bytes(const char *path, const void *data, size_t len) {
-    FILE *f = fopen(path, "wb");
-    if (!f || fwrite(data, 1, len, f) != len) {
-        tap_diag("cannot write %s", path);
-        exit(1);
-    }
-    fclose(f);
-}
-
-static void write_text(const char *path, const char *text) { write_bytes(path, text, strlen(text)); }
+static const char *tmp_path(const char *name) { return tap_path(tmp, name); }
 
 /* The last error names the file and contains what. */
 static int error_says(const char *file, const char *what) {
@@ -85,7 +68,7 @@ static void test_config_real(void) {
 /* Writes text as config.json and expects loading to fail saying what. */
 static void config_fails(const char *json, const char *what, const char *label) {
     const char *p = tmp_path("config.json");
-    write_text(p, json);
+    tap_write_text(p, json);
     fl_config c;
     int rc = fl_config_load(p, &c);
     tap_ok(rc == -1 && error_says(p, what), "config %s: \"%s\"", label, fl_last_error());
@@ -144,7 +127,7 @@ static void test_config_errors(void) {
 
     /* Defaults: kv heads = heads, head_dim = hidden / heads, theta 10000, untied. */
     const char *p = tmp_path("config.json");
-    write_text(p, "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 172, "
+    tap_write_text(p, "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 172, "
                   "\"num_hidden_layers\": 2, \"num_attention_heads\": 8, \"vocab_size\": 512, "
                   "\"attention_bias\": true, \"rope_scaling\": null, \"eos_token_id\": 2}");
     int ok = fl_config_load(p, &c) == 0;
@@ -349,7 +332,7 @@ static void test_sharded(void) {
     int ok = fl_st_write(tmp_path("model-00001-of-00002.safetensors"), s1, 2, NULL, NULL, 0) == 0 &&
              fl_st_write(tmp_path("model-00002-of-00002.safetensors"), s2, 1, NULL, NULL, 0) == 0;
     const char *index = tmp_path("model.safetensors.index.json");
-    write_text(index, "{\"metadata\": {\"total_size\": 56}, \"weight_map\": {"
+    tap_write_text(index, "{\"metadata\": {\"total_size\": 56}, \"weight_map\": {"
                       "\"a\": \"model-00001-of-00002.safetensors\", "
                       "\"c\": \"model-00002-of-00002.safetensors\", "
                       "\"b\": \"model-00001-of-00002.safetensors\"}}");
@@ -362,21 +345,21 @@ static void test_sharded(void) {
            "tensors found in both shards; source is the index");
     fl_st_close(st);
 
-    write_text(index, "{\"weight_map\": {\"a\": \"model-00001-of-00002.safetensors\", "
+    tap_write_text(index, "{\"weight_map\": {\"a\": \"model-00001-of-00002.safetensors\", "
                       "\"c\": \"model-00009-of-00009.safetensors\"}}");
     tap_ok(fl_st_open(tmp) == NULL && error_says(index, "model-00009-of-00009.safetensors") &&
                strstr(fl_last_error(), "cannot open"),
            "index naming a missing shard: \"%s\"", fl_last_error());
-    write_text(index, "{\"weight_map\": {\"a\": \"model-00001-of-00002.safetensors\", "
+    tap_write_text(index, "{\"weight_map\": {\"a\": \"model-00001-of-00002.safetensors\", "
                       "\"c\": \"model-00001-of-00002.safetensors\"}}");
     tap_ok(fl_st_open(tmp) == NULL &&
                error_says(index, "index says 'c' is in shard 'model-00001-of-00002.safetensors' but "
                                  "model-00001-of-00002.safetensors has no such tensor"),
            "index naming a tensor absent in its shard: \"%s\"", fl_last_error());
-    write_text(index, "{\"weight_map\": {\"a\": \"../model-00001-of-00002.safetensors\"}}");
+    tap_write_text(index, "{\"weight_map\": {\"a\": \"../model-00001-of-00002.safetensors\"}}");
     tap_ok(fl_st_open(tmp) == NULL && error_says(index, "must be a plain file name"),
            "index shard outside the folder: \"%s\"", fl_last_error());
-    write_text(index, "{\"weight_map\": {\"a\": 3}}");
+    tap_write_text(index, "{\"weight_map\": {\"a\": 3}}");
     tap_ok(fl_st_open(tmp) == NULL && error_says(index, "weight_map entry 'a'"),
            "index with a non-string shard: \"%s\"", fl_last_error());
     remove(index);
@@ -395,7 +378,7 @@ static const char *write_st(const char *name, int64_t hlen, const char *header, 
     char *buf = calloc(1, 8 + n + data_len);
     for (int i = 0; i < 8; i++) buf[i] = (char)(len >> (8 * i));
     memcpy(buf + 8, header, n);
-    write_bytes(p, buf, 8 + n + data_len);
+    tap_write(p, buf, 8 + n + data_len);
     free(buf);
     return p;
 }
@@ -408,7 +391,7 @@ static void st_fails(const char *p, const char *what, const char *label) {
 
 static void test_bad_safetensors(void) {
     const char *p = tmp_path("short.safetensors");
-    write_bytes(p, "\x10\0\0", 3);
+    tap_write(p, "\x10\0\0", 3);
     st_fails(p, "too short", "shorter than 8 bytes");
     st_fails(write_st("hlen.safetensors", 1000, "{}", 0), "header length 1000 exceeds", "header length beyond the file");
     st_fails(write_st("huge.safetensors", INT64_MAX, "{}", 0), "exceeds", "header length 2^63");
@@ -417,50 +400,52 @@ static void test_bad_safetensors(void) {
     tap_ok(truncate(p, (100 << 20) + 64) == 0, "sparse 100 MB file");
     st_fails(p, "header length 104857608 exceeds the 104857600-byte limit", "header over 100 MB");
     remove(p);
-    st_fails(write_st("notjson.safetensors", -1, "{\"a\": {\"dtype\": ", 0), "not valid JSON", "header not JSON");
-    st_fails(write_st("trail.safetensors", -1, "{} x", 0), "data after its JSON", "garbage after header");
-    st_fails(write_st("array.safetensors", -1, "[1]", 0), "must be a JSON object", "header an array");
-    st_fails(write_st("trunc.safetensors", -1,
-                      "{\"w\": {\"dtype\": \"F32\", \"shape\": [4, 4], \"data_offsets\": [0, 64]}}", 32),
-             "tensor 'w': data_offsets [0, 64] run past the end of the 32-byte data area",
-             "truncated data");
-    st_fails(write_st("overlap.safetensors", -1,
-                      "{\"a\": {\"dtype\": \"F32\", \"shape\": [4], \"data_offsets\": [0, 16]},"
-                      " \"b\": {\"dtype\": \"F32\", \"shape\": [4], \"data_offsets\": [8, 24]}}", 24),
-             "tensors 'a' [0, 16] and 'b' [8, 24] overlap", "overlapping offsets");
-    st_fails(write_st("size.safetensors", -1,
-                      "{\"w\": {\"dtype\": \"F32\", \"shape\": [3, 4], \"data_offsets\": [0, 40]}}", 48),
-             "tensor 'w': shape [3,4] of F32 needs 48 bytes but data_offsets give 40",
-             "shape disagreeing with byte size");
-    st_fails(write_st("i64.safetensors", -1,
-                      "{\"ids\": {\"dtype\": \"I64\", \"shape\": [2], \"data_offsets\": [0, 16]}}", 16),
-             "tensor 'ids': unsupported dtype 'I64'", "unsupported dtype");
-    st_fails(write_st("q9.safetensors", -1,
-                      "{\"w\": {\"dtype\": \"Q9\", \"shape\": [2], \"data_offsets\": [0, 16]}}", 16),
-             "tensor 'w': unknown dtype 'Q9'", "unknown dtype");
-    st_fails(write_st("neg.safetensors", -1,
-                      "{\"w\": {\"dtype\": \"F32\", \"shape\": [-1, 4], \"data_offsets\": [0, 16]}}", 16),
-             "tensor 'w': shape entries must be non-negative integers", "negative dim");
-    st_fails(write_st("ovf.safetensors", -1,
-                      "{\"w\": {\"dtype\": \"F32\", \"shape\": [4294967296, 4294967296], "
-                      "\"data_offsets\": [0, 16]}}", 16),
-             "tensor 'w': shape overflows", "shape overflowing int64");
-    st_fails(write_st("dims.safetensors", -1,
-                      "{\"w\": {\"dtype\": \"F32\", \"shape\": [1,1,1,1,1,1,1,1,1], "
-                      "\"data_offsets\": [0, 4]}}", 4),
-             "tensor 'w': shape has 9 dimensions", "too many dims");
-    st_fails(write_st("rev.safetensors", -1,
-                      "{\"w\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [8, 4]}}", 8),
-             "tensor 'w': data_offsets [8, 4] end before they begin", "offsets reversed");
-    st_fails(write_st("offs.safetensors", -1,
-                      "{\"w\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0]}}", 8),
-             "tensor 'w': field 'data_offsets' must be [begin, end]", "offsets malformed");
-    st_fails(write_st("meta.safetensors", -1, "{\"__metadata__\": {\"k\": 1}}", 0),
-             "__metadata__ entry 'k' must be a string", "metadata not strings");
-    st_fails(write_st("dup.safetensors", -1,
-                      "{\"w\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0, 4]},"
-                      " \"w\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [4, 8]}}", 8),
-             "tensor 'w' appears twice", "duplicate tensor name");
+    /* Headers that must be refused, each followed by data_len bytes of data. */
+#define W(dtype, shape, offsets)                                                            \
+    "{\"w\": {\"dtype\": \"" dtype "\", \"shape\": " shape ", \"data_offsets\": " offsets "}}"
+    static const struct {
+        const char *name, *header;
+        size_t data_len;
+        const char *what, *label;
+    } bad[] = {
+        {"notjson.safetensors", "{\"a\": {\"dtype\": ", 0, "not valid JSON", "header not JSON"},
+        {"trail.safetensors", "{} x", 0, "data after its JSON", "garbage after header"},
+        {"array.safetensors", "[1]", 0, "must be a JSON object", "header an array"},
+        {"trunc.safetensors", W("F32", "[4, 4]", "[0, 64]"), 32,
+         "tensor 'w': data_offsets [0, 64] run past the end of the 32-byte data area",
+         "truncated data"},
+        {"overlap.safetensors",
+         "{\"a\": {\"dtype\": \"F32\", \"shape\": [4], \"data_offsets\": [0, 16]},"
+         " \"b\": {\"dtype\": \"F32\", \"shape\": [4], \"data_offsets\": [8, 24]}}", 24,
+         "tensors 'a' [0, 16] and 'b' [8, 24] overlap", "overlapping offsets"},
+        {"size.safetensors", W("F32", "[3, 4]", "[0, 40]"), 48,
+         "tensor 'w': shape [3,4] of F32 needs 48 bytes but data_offsets give 40",
+         "shape disagreeing with byte size"},
+        {"i64.safetensors", "{\"ids\": {\"dtype\": \"I64\", \"shape\": [2], \"data_offsets\": [0, 16]}}",
+         16, "tensor 'ids': unsupported dtype 'I64'", "unsupported dtype"},
+        {"q9.safetensors", W("Q9", "[2]", "[0, 16]"), 16, "tensor 'w': unknown dtype 'Q9'",
+         "unknown dtype"},
+        {"neg.safetensors", W("F32", "[-1, 4]", "[0, 16]"), 16,
+         "tensor 'w': shape entries must be non-negative integers", "negative dim"},
+        {"ovf.safetensors", W("F32", "[4294967296, 4294967296]", "[0, 16]"), 16,
+         "tensor 'w': shape overflows", "shape overflowing int64"},
+        {"dims.safetensors", W("F32", "[1,1,1,1,1,1,1,1,1]", "[0, 4]"), 4,
+         "tensor 'w': shape has 9 dimensions", "too many dims"},
+        {"rev.safetensors", W("F32", "[1]", "[8, 4]"), 8,
+         "tensor 'w': data_offsets [8, 4] end before they begin", "offsets reversed"},
+        {"offs.safetensors", W("F32", "[1]", "[0]"), 8,
+         "tensor 'w': field 'data_offsets' must be [begin, end]", "offsets malformed"},
+        {"meta.safetensors", "{\"__metadata__\": {\"k\": 1}}", 0,
+         "__metadata__ entry 'k' must be a string", "metadata not strings"},
+        {"dup.safetensors",
+         "{\"w\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0, 4]},"
+         " \"w\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [4, 8]}}", 8,
+         "tensor 'w' appears twice", "duplicate tensor name"},
+    };
+#undef W
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        st_fails(write_st(bad[i].name, -1, bad[i].header, bad[i].data_len), bad[i].what,
+                 bad[i].label);
     st_fails(tmp_path("absent.safetensors"), "cannot open", "missing file");
 
     /* A header that is not 8-aligned leaves data unaligned: still readable. */
