@@ -16,29 +16,7 @@
 
 static char base[4096];
 
-static const char *path_in(const char *dir, const char *name) {
-    static char p[8][8400];
-    static int k;
-    char *out = p[k++ % 8];
-    snprintf(out, sizeof p[0], "%s/%s", dir, name);
-    return out;
-}
-
-/* base/name, in buffers apart from path_in's so the two nest. */
-static const char *in_base(const char *name) {
-    static char p[4][4200];
-    static int k;
-    char *out = p[k++ % 4];
-    snprintf(out, sizeof p[0], "%s/%s", base, name);
-    return out;
-}
-
-static void write_text(const char *path, const char *text) {
-    FILE *f = fopen(path, "wb");
-    if (!f) return;
-    fputs(text, f);
-    fclose(f);
-}
+static const char *in_base(const char *name) { return tap_path(base, name); }
 
 static fl_model *make_model(const char *name, int dim) {
     fl_init_model_params ip = fl_init_model_default_params();
@@ -200,13 +178,17 @@ static void test_dropout(const fl_model *m) {
     double frac = (double)zeros / n;
     tap_ok(values_ok, "dropout 0.25: values are 0 or 1/0.75");
     tap_ok(fabs(frac - 0.25) < 0.01, "dropout 0.25: %.4f of 100k draws are zero", frac);
-    int same = 1, differ_step = 0;
-    for (int i = 0; i < 1000; i++) {
-        same &= fl_lora_dropout(a, 9, 0, FL_LORA_V, 3, i) == fl_lora_dropout(a, 9, 0, FL_LORA_V, 3, i);
+    /* A second adapter with the same seed: the mask depends on the arguments alone, not on
+     * the adapter's address or on earlier draws. */
+    fl_adapter *twin = fl_adapter_new(m, &p);
+    int same = twin != NULL, differ_step = 0;
+    for (int i = 0; same && i < 1000; i++)
+        same &= fl_lora_dropout(a, 9, 0, FL_LORA_V, 3, i) == fl_lora_dropout(twin, 9, 0, FL_LORA_V, 3, i);
+    for (int i = 0; i < 1000; i++)
         differ_step += fl_lora_dropout(a, 9, 0, FL_LORA_V, 3, i) != fl_lora_dropout(a, 10, 0, FL_LORA_V, 3, i);
-    }
-    tap_ok(same, "dropout: same arguments, same value");
+    tap_ok(same, "dropout: another adapter with the same seed and arguments, the same values");
     tap_ok(differ_step > 200, "dropout: another step draws another mask (%d of 1000 differ)", differ_step);
+    fl_adapter_free(twin);
     fl_adapter_free(a);
 }
 
@@ -242,7 +224,7 @@ static void test_round_trip(const fl_model *m) {
     }
     fl_adapter_free(b);
 
-    cJSON *c = read_json(path_in(dir, "adapter_config.json"));
+    cJSON *c = read_json(tap_path(dir, "adapter_config.json"));
     const cJSON *mods = cJSON_GetObjectItem(c, "target_modules");
     char *mods_text = mods ? cJSON_PrintUnformatted(mods) : NULL;
     tap_ok(c && !strcmp(cJSON_GetStringValue(cJSON_GetObjectItem(c, "peft_type")), "LORA") &&
@@ -254,7 +236,7 @@ static void test_round_trip(const fl_model *m) {
                cJSON_IsTrue(cJSON_GetObjectItem(c, "inference_mode")) && mods_text &&
                !strcmp(mods_text, "[\"q_proj\",\"k_proj\",\"o_proj\",\"down_proj\"]"),
            "save: adapter_config.json has PEFT's fields (target_modules %s)", mods_text ? mods_text : "?");
-    char *text = fl_read_file(path_in(dir, "adapter_config.json"), NULL);
+    char *text = fl_read_file(tap_path(dir, "adapter_config.json"), NULL);
     tap_ok(text && strstr(text, "\"lora_dropout\":\t0.05,") && strstr(text, "\"lora_alpha\":\t8,") &&
                strstr(text, "\"r\":\t4,"),
            "save: r 4, lora_alpha 8, lora_dropout 0.05 written as PEFT prints them");
@@ -262,7 +244,7 @@ static void test_round_trip(const fl_model *m) {
     free(mods_text);
     cJSON_Delete(c);
 
-    fl_st_set *st = fl_st_open(path_in(dir, "adapter_model.safetensors"));
+    fl_st_set *st = fl_st_open(tap_path(dir, "adapter_model.safetensors"));
     const fl_st_tensor *ta = st ? fl_st_find(st, PRE "1.self_attn.o_proj.lora_A.weight") : NULL;
     const fl_st_tensor *tb = st ? fl_st_find(st, PRE "0.mlp.down_proj.lora_B.weight") : NULL;
     tap_ok(st && fl_st_count(st) == 2 * 2 * 4 && ta && ta->dtype == FL_DTYPE_F32 && ta->ndim == 2 &&
@@ -364,8 +346,8 @@ static const char *write_hand(const char *name, const char *config, const hand_l
     char cmd[8600];
     snprintf(cmd, sizeof cmd, "rm -rf '%s' && mkdir -p '%s'", dir, dir);
     if (system(cmd) != 0) return dir;
-    if (config) write_text(path_in(dir, "adapter_config.json"), config);
-    if (h) fl_st_write(path_in(dir, "adapter_model.safetensors"), h->t, h->n, NULL, NULL, 0);
+    if (config) tap_write_text(tap_path(dir, "adapter_config.json"), config);
+    if (h) fl_st_write(tap_path(dir, "adapter_model.safetensors"), h->t, h->n, NULL, NULL, 0);
     return dir;
 }
 
@@ -405,7 +387,7 @@ static void test_hand_written(const fl_model *m) {
     fl_adapter *all = fl_adapter_new(m, &p);
     const char *adir = in_base("all_linear");
     if (all && fl_adapter_save(all, adir, "tiny") == 0) {
-        write_text(path_in(adir, "adapter_config.json"),
+        tap_write_text(tap_path(adir, "adapter_config.json"),
                    "{\"peft_type\": \"LORA\", \"r\": 8, \"lora_alpha\": 16, "
                    "\"target_modules\": \"all-linear\"}");
         a = fl_adapter_load(m, adir);
@@ -425,7 +407,7 @@ static void load_fails(const fl_model *m, const char *dir, const char *file, con
                        const char *label) {
     fl_adapter *a = fl_adapter_load(m, dir);
     const char *e = fl_last_error();
-    tap_ok(!a && strstr(e, path_in(dir, file)) && strstr(e, want), "refuses %s: \"%s\"", label, e);
+    tap_ok(!a && strstr(e, tap_path(dir, file)) && strstr(e, want), "refuses %s: \"%s\"", label, e);
     fl_adapter_free(a);
 }
 
@@ -487,46 +469,52 @@ static void test_refusals(const fl_model *m, const fl_model *wide) {
     hand_free(&h);
     hand_tensors(&h, m);
 
-    load_fails(m, write_hand("lm_head", config_with("\"down_proj\"", "\"lm_head\""), &h), cfg,
-               "target_modules names \"lm_head\", which flexllm cannot adapt", "target_modules lm_head");
-    load_fails(m, write_hand("unknown_mod", config_with("\"down_proj\"", "\"dense_h_to_4h\""), &h), cfg,
-               "\"dense_h_to_4h\"", "an unknown target module");
-    load_fails(m, write_hand("regex", config_with("[\n    \"down_proj\",\n    \"q_proj\"\n  ]", "\".*proj\""), &h),
-               cfg, "must be a list of module names or \"all-linear\"", "a regex target_modules");
-    load_fails(m, write_hand("prefix", config_with("\"LORA\"", "\"PREFIX_TUNING\""), &h), cfg,
-               "peft_type must be \"LORA\", got \"PREFIX_TUNING\"", "peft_type PREFIX_TUNING");
-    load_fails(m, write_hand("dora", config_with("\"use_dora\": false", "\"use_dora\": true"), &h), cfg,
-               "'use_dora' is set", "use_dora true");
-    load_fails(m, write_hand("rslora", config_with("\"use_rslora\": false", "\"use_rslora\": true"), &h), cfg,
-               "'use_rslora' is set", "use_rslora true");
-    load_fails(m, write_hand("layers", config_with("\"layers_to_transform\": null", "\"layers_to_transform\": [0]"), &h),
-               cfg, "'layers_to_transform' is [0]", "layers_to_transform [0]");
-    load_fails(m, write_hand("rank_pattern", config_with("\"rank_pattern\": {}", "\"rank_pattern\": {\"q_proj\": 4}"), &h),
-               cfg, "'rank_pattern' is not empty", "a rank_pattern");
-    load_fails(m, write_hand("bias", config_with("\"bias\": \"none\"", "\"bias\": \"lora_only\""), &h), cfg,
-               "'bias' must be \"none\"", "bias lora_only");
-    load_fails(m, write_hand("r_zero", config_with("\"r\": 2", "\"r\": 0"), &h), cfg,
-               "field 'r' must be a number in [1, 65536], got 0", "r 0");
-    load_fails(m, write_hand("r_frac", config_with("\"r\": 2", "\"r\": 2.5"), &h), cfg,
-               "field 'r' must be an integer", "r 2.5");
-    load_fails(m, write_hand("r_string", config_with("\"r\": 2", "\"r\": \"2\""), &h), cfg,
-               "got \"2\"", "r as a string");
-    load_fails(m, write_hand("no_alpha", config_with("\"lora_alpha\": 4", "\"lora_beta\": 4"), &h), cfg,
-               "field 'lora_alpha' missing", "lora_alpha missing");
-    load_fails(m, write_hand("dropout1", config_with("\"lora_dropout\": 0.1", "\"lora_dropout\": 1"), &h), cfg,
-               "'lora_dropout' must be below 1", "lora_dropout 1");
-    load_fails(m, write_hand("big_rank", config_with("\"r\": 2", "\"r\": 65536"), &h), st,
-               "expected [65536, 64] (r 65536, in 64)", "r 65536 against rank-2 tensors (no huge allocation)");
+    /* The hand config with one text replaced, and what loading it says (about the config,
+     * or about the weights when weights is set). */
+    static const struct {
+        int weights;
+        const char *name, *from, *to, *want, *label;
+    } edits[] = {
+        {0, "lm_head", "\"down_proj\"", "\"lm_head\"",
+         "target_modules names \"lm_head\", which flexllm cannot adapt", "target_modules lm_head"},
+        {0, "unknown_mod", "\"down_proj\"", "\"dense_h_to_4h\"", "\"dense_h_to_4h\"",
+         "an unknown target module"},
+        {0, "regex", "[\n    \"down_proj\",\n    \"q_proj\"\n  ]", "\".*proj\"",
+         "must be a list of module names or \"all-linear\"", "a regex target_modules"},
+        {0, "prefix", "\"LORA\"", "\"PREFIX_TUNING\"", "peft_type must be \"LORA\", got \"PREFIX_TUNING\"",
+         "peft_type PREFIX_TUNING"},
+        {0, "dora", "\"use_dora\": false", "\"use_dora\": true", "'use_dora' is set", "use_dora true"},
+        {0, "rslora", "\"use_rslora\": false", "\"use_rslora\": true", "'use_rslora' is set",
+         "use_rslora true"},
+        {0, "layers", "\"layers_to_transform\": null", "\"layers_to_transform\": [0]",
+         "'layers_to_transform' is [0]", "layers_to_transform [0]"},
+        {0, "rank_pattern", "\"rank_pattern\": {}", "\"rank_pattern\": {\"q_proj\": 4}",
+         "'rank_pattern' is not empty", "a rank_pattern"},
+        {0, "bias", "\"bias\": \"none\"", "\"bias\": \"lora_only\"", "'bias' must be \"none\"",
+         "bias lora_only"},
+        {0, "r_zero", "\"r\": 2", "\"r\": 0", "field 'r' must be a number in [1, 65536], got 0", "r 0"},
+        {0, "r_frac", "\"r\": 2", "\"r\": 2.5", "field 'r' must be an integer", "r 2.5"},
+        {0, "r_string", "\"r\": 2", "\"r\": \"2\"", "got \"2\"", "r as a string"},
+        {0, "no_alpha", "\"lora_alpha\": 4", "\"lora_beta\": 4", "field 'lora_alpha' missing",
+         "lora_alpha missing"},
+        {0, "dropout1", "\"lora_dropout\": 0.1", "\"lora_dropout\": 1", "'lora_dropout' must be below 1",
+         "lora_dropout 1"},
+        {1, "big_rank", "\"r\": 2", "\"r\": 65536", "expected [65536, 64] (r 65536, in 64)",
+         "r 65536 against rank-2 tensors (no huge allocation)"},
+    };
+    for (size_t i = 0; i < sizeof edits / sizeof edits[0]; i++)
+        load_fails(m, write_hand(edits[i].name, config_with(edits[i].from, edits[i].to), &h),
+                   edits[i].weights ? st : cfg, edits[i].want, edits[i].label);
     load_fails(m, write_hand("no_config", NULL, &h), cfg, "cannot open", "a missing adapter_config.json");
     load_fails(m, write_hand("bad_json", "{\"peft_type\": \"LORA\", \"r\": ", &h), cfg, "invalid JSON",
                "malformed JSON");
     load_fails(m, write_hand("json_array", "[1, 2]", &h), cfg, "not a JSON object", "a JSON array");
     load_fails(m, write_hand("no_weights", hand_config, NULL), st, "cannot open", "missing safetensors");
     const char *bin = write_hand("only_bin", hand_config, NULL);
-    write_text(path_in(bin, "adapter_model.bin"), "PK");
+    tap_write_text(tap_path(bin, "adapter_model.bin"), "PK");
     load_fails(m, bin, st, "only adapter_model.bin", "only adapter_model.bin present");
     const char *trunc = write_hand("truncated", hand_config, &h);
-    if (truncate(path_in(trunc, st), 100) == 0)
+    if (truncate(tap_path(trunc, st), 100) == 0)
         load_fails(m, trunc, st, "", "a truncated safetensors file");
 
     const char *ok_dir = write_hand("for_wide", hand_config, &h);
@@ -537,7 +525,7 @@ static void test_refusals(const fl_model *m, const fl_model *wide) {
     fl_adapter *a = fl_adapter_load(m, NULL);
     tap_ok(!a && fl_adapter_save(NULL, base, NULL) == -1, "NULL folder or adapter refused");
     a = fl_adapter_new(m, NULL);
-    write_text(in_base("a_file"), "x");
+    tap_write_text(in_base("a_file"), "x");
     tap_ok(a && fl_adapter_save(a, in_base("a_file/sub"), NULL) == -1 &&
                strstr(fl_last_error(), "a_file"),
            "save into a path under a file fails: \"%s\"", fl_last_error());
