@@ -11,7 +11,7 @@
 static inline int read_expected(const char *path, int32_t *ids, int cap) {
     FILE *f = fopen(path, "rb");
     if (!f) return -1;
-    char buf[8192];
+    char buf[16384]; /* room for 1024 ids of a 6-digit vocabulary and their separators */
     size_t n = fread(buf, 1, sizeof buf - 1, f);
     fclose(f);
     buf[n] = 0;
