@@ -3,8 +3,8 @@
  * chunking (alone or sharing batches with inference), a NaN-poisoned scratch, and
  * the arena size the planner predicts. */
 #include "flexllm.h"
-#include "lora.h"
 #include "tap.h"
+#include "train.h"
 
 #include <math.h>
 
@@ -204,9 +204,15 @@ static void test_chunk_invariance(void) {
     fl_plan_params pp = {.targets = FL_LORA_ALL_LINEARS, .rank = 4};
     fl_plan_make(fl_model_config(model), &pp, 100, &plan);
     fl_train_sample *t = fl_train_begin(ctx, a, &s, NULL);
-    tap_ok(t && fl_train_arena_bytes(t) == fl_plan_arena_bytes(&plan, 100),
-           "the training arena holds exactly the planner's %zu bytes for 100 tokens",
-           fl_plan_arena_bytes(&plan, 100));
+    /* Where the sample's last arena region (the final-hidden gradient, after the kept
+     * activations and the dK/dV accumulators) ends: the layout train.c builds, against
+     * the size plan.c predicts from its own formula. */
+    size_t used = t ? (size_t)((char *)(t->dfinal + (size_t)100 * fl_model_config(model)->dim) -
+                               (char *)t->arena)
+                    : 0;
+    tap_ok(t && used == fl_plan_arena_bytes(&plan, 100) && fl_train_arena_bytes(t) == used,
+           "the training arena's regions end at exactly the planner's %zu bytes for 100 tokens "
+           "(%zu used)", fl_plan_arena_bytes(&plan, 100), used);
     fl_train_end(ctx, t);
     tap_ok(fl_kv_pages_free(ctx) == fl_kv_pages_total(ctx), "every KV page is back");
     free(ref);
