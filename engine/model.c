@@ -220,7 +220,6 @@ fl_model *fl_model_load(const char *dir, const fl_model_params *params) {
     }
     fl_model *m = fl_calloc(1, sizeof *m);
     if (!m) return NULL;
-    m->n_threads = p.n_threads > 0 ? p.n_threads : 1;
     if (fl_path_join(path, sizeof path, dir, "config.json") != 0 ||
         fl_config_load(path, &m->cfg) != 0)
         goto fail;
@@ -237,8 +236,9 @@ fl_model *fl_model_load(const char *dir, const fl_model_params *params) {
     m->kv_dim = m->cfg.n_kv_heads * m->cfg.head_dim;
     if (!(m->tok = fl_tokenizer_load_dir(dir))) goto fail;
     if (!(m->st = fl_st_open(dir))) goto fail;
-    openblas_set_num_threads(m->n_threads);
-    omp_set_num_threads(m->n_threads);
+    int threads = p.n_threads > 0 ? p.n_threads : 1;
+    openblas_set_num_threads(threads);
+    omp_set_num_threads(threads);
     m->gemm = p.gemm;
     if (load_weights(m) != 0) goto fail;
     if (m->gemm == FL_GEMM_PACKED && pack_weights(m) != 0) goto fail;

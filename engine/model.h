@@ -36,7 +36,6 @@ struct fl_model {
     float **owned;            /* weight buffers converted from F16/BF16 or unaligned F32 */
     int n_owned;
     size_t n_params;
-    int n_threads;
     fl_gemm gemm;
     int non_bf16_matrices;    /* 2-D tensors the checkpoint stores in another dtype than BF16 */
     char device_why[320];     /* how the device was chosen (fl_model_device) */
