@@ -89,7 +89,7 @@ static void sift_down(candidate *h, int n, int i) {
 
 /* Moves the k most probable candidates to the front, most probable first:
  * a min-heap of k, O(n log k). */
-static int select_top_k(candidate *c, int n, int k) {
+static void select_top_k(candidate *c, int n, int k) {
     for (int i = k / 2 - 1; i >= 0; i--) sift_down(c, k, i);
     for (int i = k; i < n; i++) {
         if (by_prob_desc(&c[i], &c[0]) < 0) {
@@ -98,7 +98,6 @@ static int select_top_k(candidate *c, int n, int k) {
         }
     }
     qsort(c, (size_t)k, sizeof(candidate), by_prob_desc);
-    return k;
 }
 
 int32_t fl_sampler_sample(fl_sampler *s, const float *logits) {
@@ -112,7 +111,8 @@ int32_t fl_sampler_sample(fl_sampler *s, const float *logits) {
     }
     int k = n;
     if (s->p.top_k > 0 && s->p.top_k < n) {
-        k = select_top_k(s->cand, n, s->p.top_k);
+        k = s->p.top_k;
+        select_top_k(s->cand, n, k);
     } else if (s->p.top_p < 1.0f) {
         /* Below (1-top_p)/(n-1) of the mass a candidate can never enter the
          * nucleus, so only the rest need sorting (the llama2.c trick). */
