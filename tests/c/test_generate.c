@@ -4,7 +4,6 @@
 #include "expected_ids.h"
 #include "tap.h"
 
-#include <cjson/cJSON.h>
 #include <math.h>
 
 /* Greedy from BOS one token per forward, as llama2.c's run.c does. */
@@ -294,13 +293,13 @@ int main(void) {
     if (!dir) {
         tap_skip("stories260K tests: ../shared/models/stories260K absent (set FLEXLLM_SHARED)");
     } else {
+        int32_t expect[80];
+        char path[4200];
+        snprintf(path, sizeof path, "%s/expected_greedy_from_bos_80.json", dir);
+        int n = read_expected(path, expect, 80);
+        tap_ok(n == 80, "read 80 expected ids from llama2.c");
         fl_model *m = fl_model_load(dir, NULL);
         if (tap_ok(m != NULL, "stories260K loads (%s)", m ? "" : fl_last_error())) {
-            int32_t expect[80];
-            char path[4200];
-            snprintf(path, sizeof path, "%s/expected_greedy_from_bos_80.json", dir);
-            int n = read_expected(path, expect, 80);
-            tap_ok(n == 80, "read 80 expected ids from llama2.c");
             test_greedy_forward(m, expect, n);
             test_greedy_generator(m, expect, n);
             test_batch_invariance(m, "stories260K", 1);
@@ -311,10 +310,6 @@ int main(void) {
         mp.gemm = FL_GEMM_OPENBLAS;
         m = fl_model_load(dir, &mp);
         if (tap_ok(m != NULL, "stories260K loads with OpenBLAS GEMMs")) {
-            int32_t expect[80];
-            char path[4200];
-            snprintf(path, sizeof path, "%s/expected_greedy_from_bos_80.json", dir);
-            int n = read_expected(path, expect, 80);
             test_greedy_forward(m, expect, n);
             test_batch_invariance(m, "stories260K, OpenBLAS", 0);
             fl_model_free(m);
