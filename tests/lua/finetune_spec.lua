@@ -2,13 +2,8 @@
 -- the PEFT folder it writes loaded back, and the options it refuses.
 local fl = require "flexllm"
 
-local tmp = "build/tmp/finetune_spec"
-os.execute("rm -rf " .. tmp .. " && mkdir -p " .. tmp)
-assert(fl.init_model(tmp .. "/model", { dim = 64, hidden_dim = 160, n_layers = 2, n_heads = 4,
-                                        n_kv_heads = 2, seed = 4 }))
-local f = assert(io.open(tmp .. "/data.txt", "wb"))
-for i = 1, 40 do f:write("the cat sat on the mat. the dog sat on the log. ") end
-f:close()
+local tmp = require("tiny_model").setup("finetune_spec", 4,
+                                        "the cat sat on the mat. the dog sat on the log. ", 40)
 
 describe("a finetuning job driven from Lua", function()
   local model = assert(fl.load(tmp .. "/model"))
