@@ -183,7 +183,8 @@ static void test_dropout(const fl_model *m) {
     fl_adapter *twin = fl_adapter_new(m, &p);
     int same = twin != NULL, differ_step = 0;
     for (int i = 0; same && i < 1000; i++)
-        same &= fl_lora_dropout(a, 9, 0, FL_LORA_V, 3, i) == fl_lora_dropout(twin, 9, 0, FL_LORA_V, 3, i);
+        same &= fl_lora_dropout(a, 9, 0, FL_LORA_V, 3, i) ==
+                fl_lora_dropout(twin, 9, 0, FL_LORA_V, 3, i);
     for (int i = 0; i < 1000; i++)
         differ_step += fl_lora_dropout(a, 9, 0, FL_LORA_V, 3, i) != fl_lora_dropout(a, 10, 0, FL_LORA_V, 3, i);
     tap_ok(same, "dropout: another adapter with the same seed and arguments, the same values");
