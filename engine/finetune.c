@@ -226,13 +226,21 @@ static int finish(fl_finetune *j) {
     return 0;
 }
 
+/* Where a stopped job can resume from, for its error message. */
+static const char *resume_point(const fl_finetune *j, char *buf, size_t n) {
+    if (j->last_checkpoint < 0) return "no checkpoint yet";
+    snprintf(buf, n, "last checkpoint: step %d", j->last_checkpoint);
+    return buf;
+}
+
 /* The optimizer step after grad_accum samples (or the last few of the run). */
 static int optimizer_step(fl_finetune *j) {
     float norm = fl_optimizer_step(j->opt, j->adapter->params, j->adapter->grads, j->in_accum);
     fl_adapter_changed(j->adapter);
+    char at[48];
     if (norm < 0)
-        return fl_error("finetuning: the gradient is not finite at step %d; stopped (last "
-                        "checkpoint: step %d)", j->prog.step + 1, j->last_checkpoint);
+        return fl_error("finetuning: the gradient is not finite at step %d; stopped (%s)",
+                        j->prog.step + 1, resume_point(j, at, sizeof at));
     j->prog.step++;
     j->prog.grad_norm = norm;
     j->prog.loss = j->accum_loss / j->in_accum;
@@ -270,13 +278,14 @@ fl_train_sample *fl_finetune_sample(fl_finetune *j, int *rc) {
 
 int fl_finetune_advance(fl_finetune *j, int forward_tokens) {
     fl_train_sample *t = j->cur;
+    char at[48];
     j->prog.tokens += forward_tokens;
     if (forward_tokens > 0 && fl_train_forwarded(t) == fl_train_length(t) &&
         !isfinite(fl_train_loss(t)))
         return fl_error("finetuning: the loss is %g at step %d (sample %d of epoch %d); stopped "
-                        "(last checkpoint: step %d)",
+                        "(%s)",
                         fl_train_loss(t), j->prog.step + 1, j->epoch_pos, j->epoch + 1,
-                        j->last_checkpoint);
+                        resume_point(j, at, sizeof at));
     if (fl_train_forwarded(t) < fl_train_length(t) || fl_train_backward_left(t) > 0) return 0;
     j->accum_loss += fl_train_loss(t);
     fl_train_end(j->ctx, t);
